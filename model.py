@@ -154,14 +154,38 @@ class Qwen2ForCausalLM(nn.Module):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return self.model(input_ids, cu_seqlens, position_ids, max_seqlen)
 
-    def forward(self, input_ids, cu_seqlens, position_ids=None, max_seqlen=None):
+    def forward(self, input_ids, cu_seqlens, position_ids=None, max_seqlen=None, labels=None):
         """input_ids (T,) holds B samples back to back, bounded by cu_seqlens (B+1,) int32.
 
         Attention never crosses a boundary and positions restart at 0 per sample unless
         position_ids (T,) are given (Ulysses passes a slice of the full stream's positions).
-        Returns logits (T, vocab_size).
+        Returns logits (T, vocab_size), or with labels (T,) (-100 = ignore) the fp32 SUM of the
+        cross-entropy over the labelled tokens. The loss goes through this forward (not a separate
+        call on lm_head) so FSDP's hooks on the root module see the LM head being used.
         """
-        return self.lm_head(self.hidden_states(input_ids, cu_seqlens, position_ids, max_seqlen))
+        h = self.hidden_states(input_ids, cu_seqlens, position_ids, max_seqlen)
+        if labels is None:
+            return self.lm_head(h)
+        return chunked_cross_entropy_sum(h, self.lm_head.weight, labels, self.loss_chunk)
+
+    loss_chunk = 4096  # tokens per LM-head chunk: (4096, 151936) fp32 logits = 2.5 GB at most
+
+
+def _chunk_ce(h, weight, labels):
+    return F.cross_entropy(F.linear(h, weight).float(), labels, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy_sum(h, weight, labels, chunk):
+    """sum CE(h @ weight.T, labels) without holding (T, vocab) logits: each chunk's logits are
+    recomputed in backward instead of kept (the full fp32 logits of a 16k pack are 9.3 GiB)."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        hc, lc = h[start:start + chunk], labels[start:start + chunk]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_ce, hc, weight, lc, use_reentrant=False)
+        else:
+            total = total + _chunk_ce(hc, weight, lc)
+    return total
 
 
 def positions_from_cu_seqlens(cu_seqlens):

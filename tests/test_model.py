@@ -186,3 +186,22 @@ def test_real_config_builds_on_meta():
     with torch.device("meta"):
         m = M.Qwen2ForCausalLM(cfg)
     assert 494_000_000 < M.num_params(m) < 495_000_000  # Qwen2.5-0.5B: 494M with tied embeddings
+
+
+def test_chunked_loss_equals_plain_loss_and_grads():
+    ids, cu = packed([9, 6, 11])
+    labels = torch.where(torch.arange(26) % 3 == 0, -100, torch.roll(ids, -1))
+    results = []
+    for chunk in (5, 10_000):  # 5: chunk boundaries fall inside samples
+        m = tiny()
+        m.loss_chunk = chunk
+        loss = m(ids, cu, labels=labels)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+    m = tiny()
+    plain = torch.nn.functional.cross_entropy(m(ids, cu), labels, ignore_index=-100, reduction="sum")
+    plain.backward()
+    for loss, grads in results:
+        torch.testing.assert_close(loss, plain.detach(), rtol=1e-6, atol=1e-6)
+        for k, p in m.named_parameters():
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,143 @@
+"""Parallelism applied to a built model from outside: device meshes, FSDP2, Ulysses.
+
+Vocabulary: world_size W ranks = dp_size x sp_size. The sp_size ranks of one Ulysses group hold
+contiguous slices of the same packed stream; FSDP2 shards parameters over all W ranks.
+"""
+import functools
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+
+class ParallelError(Exception):
+    """An impossible parallel layout; the message says which sizes and what would work."""
+
+
+def check_sp_size(sp_size, world_size, num_heads, num_kv_heads):
+    if sp_size < 1 or world_size % sp_size:
+        raise ParallelError(f"ulysses_sequence_parallel_size={sp_size} must divide the number of "
+                            f"processes ({world_size}); pick a divisor of {world_size}.")
+    if num_heads % sp_size or not (num_kv_heads % sp_size == 0 or sp_size % num_kv_heads == 0):
+        ok = [s for s in range(1, num_heads + 1)
+              if num_heads % s == 0 and (num_kv_heads % s == 0 or s % num_kv_heads == 0)]
+        raise ParallelError(f"ulysses_sequence_parallel_size={sp_size} does not fit {num_heads} query / "
+                            f"{num_kv_heads} key-value heads; use one of {ok}.")
+
+
+def build_meshes(device_type, world_size, sp_size):
+    """(world mesh for FSDP, 2-D (dp, sp) mesh for the groups). gloo needs the explicit 'cpu' type."""
+    world = init_device_mesh(device_type, (world_size,), mesh_dim_names=("fsdp",))
+    dp_sp = init_device_mesh(device_type, (world_size // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    return world, dp_sp
+
+
+# --------------------------------------------------------------------------- FSDP2
+
+def apply_fsdp(model, mesh, param_dtype, reduce_dtype=torch.float32, cpu_offload=False):
+    """fully_shard each decoder layer, then the root (embedding, final norm, LM head).
+
+    Per-layer units let FSDP2 all-gather layer i+1 while layer i computes and free it after.
+    Master weights stay in the dtype the model was built in; param_dtype is the compute copy.
+    """
+    kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+# --------------------------------------------------------------------------- Ulysses
+
+def _seq_to_heads(x, group, sp_size):
+    """(T/S, H, D) on each rank -> (T, H/S, D): gather the sequence, scatter the heads."""
+    Tl, H, D = x.shape
+    x = x.reshape(Tl, sp_size, H // sp_size, D).transpose(0, 1).contiguous()  # (S, T/S, H/S, D): chunk j -> rank j
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)  # (all ranks of the sp group)
+    return out.reshape(sp_size * Tl, H // sp_size, D)  # chunk i came from rank i = tokens in rank order
+
+
+def _heads_to_seq(x, group, sp_size):
+    """(T, H/S, D) -> (T/S, H, D): the inverse of _seq_to_heads."""
+    T, Hs, D = x.shape
+    x = x.reshape(sp_size, T // sp_size, Hs, D).contiguous()  # (S, T/S, H/S, D): rank j's tokens -> rank j
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)  # (all ranks of the sp group)
+    return out.transpose(0, 1).reshape(T // sp_size, sp_size * Hs, D)  # chunk i = head group i
+
+
+class _SeqToHeads(torch.autograd.Function):
+    # The backward of an all-to-all is the opposite all-to-all of the gradient.
+    @staticmethod
+    def forward(ctx, x, group, sp_size):
+        ctx.group, ctx.sp_size = group, sp_size
+        return _seq_to_heads(x, group, sp_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.group, ctx.sp_size), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, sp_size):
+        ctx.group, ctx.sp_size = group, sp_size
+        return _heads_to_seq(x, group, sp_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.group, ctx.sp_size), None, None
+
+
+def ulysses_attention(q, k, v, cu_seqlens, max_seqlen, *, inner, sp_group, sp_size):
+    """Attention over the full stream while each rank holds T/S tokens.
+
+    q (T/S, H, D), k/v (T/S, Hkv, D) -> (T/S, H, D). cu_seqlens/max_seqlen describe the FULL
+    stream (computed once, before slicing), which is what attention sees after the all-to-all.
+    """
+    Hkv = k.shape[1]
+    if sp_size > Hkv:
+        # Fewer KV heads than ranks: repeat each so rank r gets the KV head its query heads use
+        # (query head h reads KV head h // (H/Hkv); repeat_interleave keeps that order).
+        k = k.repeat_interleave(sp_size // Hkv, dim=1)  # (T/S, S, D)
+        v = v.repeat_interleave(sp_size // Hkv, dim=1)
+    q = _SeqToHeads.apply(q, sp_group, sp_size)  # (T, H/S, D)
+    k = _SeqToHeads.apply(k, sp_group, sp_size)  # (T, max(Hkv, S)/S, D)
+    v = _SeqToHeads.apply(v, sp_group, sp_size)
+    o = inner(q, k, v, cu_seqlens, max_seqlen)  # (T, H/S, D)
+    return _HeadsToSeq.apply(o, sp_group, sp_size)  # (T/S, H, D)
+
+
+def apply_ulysses(model, sp_group, sp_size):
+    """Wrap every layer's attention in the Ulysses all-to-alls (no-op for sp_size 1)."""
+    if sp_size == 1:
+        return model
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.attn_fn = functools.partial(ulysses_attention, inner=attn.attn_fn, sp_group=sp_group, sp_size=sp_size)
+    return model
+
+
+def sp_slice(batch, sp_rank, sp_size, pad_id):
+    """This rank's slice of a packed micro-batch; the stream is padded to a multiple of sp_size first.
+
+    The padding is its own segment in cu_seqlens (so no real token attends to it) and its labels
+    are -100 (so it trains nothing). cu_seqlens and max_seqlen stay those of the full stream.
+    """
+    T = batch["input_ids"].numel()
+    pad = -T % sp_size
+    out = dict(batch)
+    if pad:
+        out["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"].new_full((pad,), pad_id)])
+        out["position_ids"] = torch.cat([batch["position_ids"], torch.arange(pad, dtype=batch["position_ids"].dtype)])
+        out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((pad,), -100)])
+        out["cu_seqlens"] = torch.cat([batch["cu_seqlens"], batch["cu_seqlens"].new_tensor([T + pad])])
+        out["max_seqlen"] = max(batch["max_seqlen"], pad)
+    Tl = (T + pad) // sp_size
+    for key in ("input_ids", "position_ids", "labels"):
+        out[key] = out[key][sp_rank * Tl:(sp_rank + 1) * Tl]
+    return out

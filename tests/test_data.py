@@ -1,0 +1,317 @@
+"""data.py: reading, normalisation, masks, truncation, errors, cache, batches, packing, inspect CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import data
+from conftest import REFERENCE, ROOT
+
+MODEL = REFERENCE / "qwen2.5-0.5b-instruct"
+needs_tokenizer = pytest.mark.skipif(not MODEL.is_dir(), reason="shared/reference is not present")
+
+def tool(name, arg):
+    schema = {"type": "object", "properties": {arg: {"type": "string"}}}
+    return {"type": "function", "function": {"name": name, "description": f"{name}.", "parameters": schema}}
+
+
+TOOL = tool("calc", "expr")
+
+
+def chat(user="What is 2+2?", answer="4", **extra):
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], **extra}
+
+
+def write(tmp_path, rows, name="d.parquet"):
+    path = tmp_path / name
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if not MODEL.is_dir():
+        pytest.skip("shared/reference is not present")
+    return data.load_tokenizer(MODEL)
+
+
+def trained_text(tokenizer, messages, tools=None):
+    ids, mask = data.encode(tokenizer, *data.render(messages, tools))
+    return tokenizer.decode(ids[mask == 1].tolist(), skip_special_tokens=False)
+
+
+# --- normalisation and rendering ------------------------------------------------------------------
+
+def test_struct_unification_nulls_are_pruned(tmp_path):
+    # Two rows with different tool schemas / arguments: parquet adds the other row's keys as null.
+    other = tool("search", "query")
+    call = lambda name, args: {"type": "function", "function": {"name": name, "arguments": args}}
+    rows = [{"messages": [{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "", "tool_calls": [call("calc", {"expr": "1+1"})]}],
+             "tools": [TOOL]},
+            {"messages": [{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": None,
+                           "tool_calls": [call("search", {"query": "x"})]}],
+             "tools": [other]}]
+    raw = pq.read_table(write(tmp_path, rows)).to_pylist()
+    assert raw[0]["tools"][0]["function"]["parameters"]["properties"]["query"] is None  # the problem exists
+    (m0, t0), (m1, t1) = data.read_rows(tmp_path / "d.parquet")
+    assert t0 == [TOOL] and t1 == [other]
+    assert m0[1]["tool_calls"] == [{"name": "calc", "arguments": {"expr": "1+1"}}]
+    assert m1[1]["tool_calls"] == [{"name": "search", "arguments": {"query": "x"}}] and m1[1]["content"] == ""
+    assert m0[0].get("tool_calls") is None  # tool_calls: null on a user message is tolerated
+
+
+def test_json_string_nulls_are_kept(tmp_path):
+    # JSON strings never went through struct unification, so their nulls are the user's own.
+    tools = json.dumps([{"name": "f", "parameters": {"default": None}}])
+    args = json.dumps({"x": None})
+    calls = [{"type": "function", "function": {"name": "f", "arguments": args}}]
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    rows = [{"messages": messages, "tools": tools}]
+    [(messages, tools)] = data.read_rows(write(tmp_path, rows))
+    assert tools == [{"name": "f", "parameters": {"default": None}}]
+    text, _ = data.render(messages, tools)
+    assert '{"name": "f", "arguments": {"x": null}}' in text and '"default": null' in text
+
+
+def test_single_turn_with_dict_keys(tmp_path):
+    rows = [{"extra": {"q": {"text": "Hi?"}}, "answer": "Hello."}]
+    path = write(tmp_path, rows)
+    [(messages, tools)] = data.read_rows(path, multiturn=False, prompt_key="extra",
+                                         prompt_dict_keys=["q", "text"])
+    assert tools is None
+    assert [(m["role"], m["content"]) for m in messages] == [("user", "Hi?"), ("assistant", "Hello.")]
+    [(messages, _)] = data.read_rows(path, multiturn=False, prompt_key="extra", prompt_dict_keys=["q", "text"],
+                                     response_key="extra", response_dict_keys=["q", "text"])
+    assert [m["content"] for m in messages] == ["Hi?", "Hi?"]  # one struct column may feed both sides
+    with pytest.raises(data.DataError, match=r"row 0 of .*d\.parquet: column 'extra' has no field 'nope'; "
+                                             r"check data\.prompt_dict_keys\."):
+        data.read_rows(path, multiturn=False, prompt_key="extra", prompt_dict_keys=["nope"])
+
+
+@needs_tokenizer
+def test_loss_override(tokenizer):
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1", "loss": True},
+                {"role": "assistant", "content": "A1", "loss": False}, {"role": "user", "content": "U2"},
+                {"role": "assistant", "content": "A2"}, {"role": "tool", "content": "T", "loss": True}]
+    assert trained_text(tokenizer, data._messages(messages, "x")) == (
+        "U1<|im_end|>\nA2<|im_end|>\n<tool_response>\nT\n</tool_response><|im_end|>\n")
+    messages[0]["loss"] = True
+    assert trained_text(tokenizer, data._messages(messages, "x")).startswith("S<|im_end|>\nU1")
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+CALL = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+BAD = [
+    ([{"x": 1}], r"d\.parquet has no column 'messages' \(it has x\); set data\.multiturn\.messages_key"),
+    ([{"messages": [{"role": "bot", "content": "hi"}]}],
+     r"row 0 of .*: message 0 has unknown role 'bot'; use system"),
+    ([chat(), {"messages": [{"role": "user", "content": None}]}],
+     r"row 1 of .*: message 0 \(user\) has non-string content of type NoneType"),
+    ([{"messages": [{"role": "user", "content": "a"}], "tools": "[{bad"}],
+     r"row 0 of .*: the tools column is not valid JSON"),
+    ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls":
+       [{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}],
+     r"row 0 of .*: message 1 tool call 0 arguments is not valid JSON"),
+    ([chat(), {"messages": []}], r"row 1 of .*d\.parquet has an empty conversation"),
+    ([{"messages": [{"role": "user", "content": "a", "tool_calls": [CALL]}]}],
+     r"message 0 is a user message with tool_calls"),
+]
+
+
+@pytest.mark.parametrize("rows,message", BAD)
+def test_bad_data_errors(tmp_path, rows, message):
+    with pytest.raises(data.DataError, match=message) as e:
+        data.read_rows(write(tmp_path, rows))
+    assert "\n" not in str(e.value) and str(e.value).endswith(".")
+
+
+def test_missing_files_and_tokenizer(tmp_path):
+    with pytest.raises(data.DataError, match=r"nope\.parquet is neither a parquet file nor a directory"):
+        data.read_rows(tmp_path / "nope.parquet")
+    with pytest.raises(data.DataError, match=r"tokenizer\.json does not exist; model\.partial_pretrain"):
+        data.load_tokenizer(tmp_path)
+
+
+def test_directory_and_list_of_files(tmp_path):
+    write(tmp_path, [chat("a")], "a.parquet")
+    write(tmp_path, [chat("b"), chat("c")], "b.parquet")
+    users = [m[0]["content"] for m, _ in data.read_rows(tmp_path)]
+    assert users == ["a", "b", "c"]
+    assert len(data.read_rows([tmp_path / "b.parquet", tmp_path / "a.parquet"])) == 3
+
+
+# --- truncation, dropping, cache --------------------------------------------------------------------
+
+@needs_tokenizer
+def test_truncation(tmp_path, tokenizer):
+    path = write(tmp_path, [chat(), chat(answer="word " * 50)])
+    one = write(tmp_path, [chat(answer="word " * 50)], "one.parquet")
+    [(full_ids, full_mask)] = data.build_samples(one, tokenizer, 10**6)
+    n = len(full_ids)
+    with pytest.raises(data.DataError, match=rf"row 1 of .*d\.parquet has {n} tokens, more than "
+                                             r"data\.max_length=40; raise data\.max_length or "
+                                             r"set data\.truncation=left or right\."):
+        data.build_samples(path, tokenizer, 40)
+    left = data.build_samples(path, tokenizer, 40, "left")[1]
+    right = data.build_samples(path, tokenizer, 40, "right")[1]
+    assert np.array_equal(left[0], full_ids[-40:]) and np.array_equal(left[1], full_mask[-40:])
+    assert np.array_equal(right[0], full_ids[:40]) and np.array_equal(right[1], full_mask[:40])
+    assert left[0].dtype == np.int64 and left[1].dtype == np.uint8
+    with pytest.raises(data.DataError, match="data.truncation='middle' is not one of"):
+        data.build_samples(path, tokenizer, 40, "middle")
+
+
+@needs_tokenizer
+def test_untrained_rows_dropped_with_one_warning(tmp_path, tokenizer):
+    silent = {"messages": [{"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "a", "loss": False}]}
+    lines = []
+    samples = data.build_samples(write(tmp_path, [chat(), silent, silent]), tokenizer, 100, log=lines.append)
+    assert len(samples) == 1
+    assert len(lines) == 1 and lines[0].startswith("warning: 2 rows of ") and "no trained tokens" in lines[0]
+    with pytest.raises(data.DataError, match="no row of .* has a trained token"):
+        data.build_samples(write(tmp_path, [silent], "s.parquet"), tokenizer, 100, log=lines.append)
+
+
+@needs_tokenizer
+def test_cache_reuse_and_rebuild(tmp_path, tokenizer, monkeypatch):
+    path, cache = write(tmp_path, [chat(), chat("x", "y")]), tmp_path / "cache"
+    kw = dict(cache_dir=cache, tokenizer_path=MODEL / "tokenizer.json", log=lambda s: None)
+    first = data.build_samples(path, tokenizer, 100, **kw)
+    [file] = list(cache.glob("*.npz"))
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("cache was not used")
+    real_sample = data._sample
+    monkeypatch.setattr(data, "_sample", no_tokenizing)
+    again = data.build_samples(path, tokenizer, 100, **kw)
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
+    assert again[0][0].dtype == np.int64
+
+    # corrupt: flip bytes in the middle -> one warning, rebuilt, same result, valid again
+    monkeypatch.setattr(data, "_sample", real_sample)
+    blob = bytearray(file.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    file.write_bytes(bytes(blob))
+    lines = []
+    rebuilt = data.build_samples(path, tokenizer, 100, **{**kw, "log": lines.append})
+    assert len(lines) == 1 and "corrupt or stale" in lines[0]
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, rebuilt))
+    monkeypatch.setattr(data, "_sample", no_tokenizing)
+    data.build_samples(path, tokenizer, 100, **kw)
+
+    # truncated (a crash mid-write elsewhere, a full disk) -> rebuilt as well
+    monkeypatch.setattr(data, "_sample", real_sample)
+    file.write_bytes(file.read_bytes()[:100])
+    lines.clear()
+    assert len(data.build_samples(path, tokenizer, 100, **{**kw, "log": lines.append})) == 2
+    assert len(lines) == 1 and "corrupt or stale" in lines[0]
+
+    # a different max_length or changed file content is a different key, not a stale hit
+    monkeypatch.setattr(data, "_sample", real_sample)
+    data.build_samples(path, tokenizer, 99, **kw)
+    write(tmp_path, [chat("changed")])
+    changed = data.build_samples(path, tokenizer, 100, **kw)
+    assert len(changed) == 1 and len(list(cache.glob("*.npz"))) == 3
+
+
+# --- batches, pack, pad -----------------------------------------------------------------------------
+
+def test_epoch_batches_and_shard():
+    n, bs, dp = 103, 8, 4
+    epochs = [data.epoch_batches(n, bs, seed=1, epoch=e) for e in range(3)]
+    assert epochs[0].shape == (n // bs, bs)
+    for batches in epochs:
+        per_rank = [np.concatenate([data.shard(b, r, dp) for b in batches]) for r in range(dp)]
+        seen = np.concatenate(per_rank)
+        # each sample at most once; only the drop-last remainder is missing
+        assert len(seen) == len(set(seen.tolist())) == (n // bs) * bs
+        assert all(len(data.shard(batches[0], r, dp)) == bs // dp for r in range(dp))
+        assert np.array_equal(np.concatenate([data.shard(batches[0], r, dp) for r in range(dp)]), batches[0])
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert np.array_equal(epochs[1], data.epoch_batches(n, bs, seed=1, epoch=1))
+    assert not np.array_equal(epochs[0], data.epoch_batches(n, bs, seed=2, epoch=0))
+    # over an epoch with no remainder every sample is seen exactly once
+    assert sorted(data.epoch_batches(96, 8, 0, 5).reshape(-1).tolist()) == list(range(96))
+
+
+def random_samples(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 1000, L).astype(np.int64), (rng.random(L) < 0.6).astype(np.uint8))
+            for L in lengths]
+
+
+def test_pack_invariants():
+    samples = random_samples([5, 1, 9, 3])
+    b = data.pack(samples)
+    assert b["input_ids"].dtype == torch.int64 and b["labels"].dtype == torch.int64
+    assert b["cu_seqlens"].dtype == torch.int32 and b["cu_seqlens"].tolist() == [0, 5, 6, 15, 18]
+    assert b["max_seqlen"] == 9 and isinstance(b["max_seqlen"], int)
+    cu = b["cu_seqlens"].tolist()
+    for i, (ids, mask) in enumerate(samples):
+        s, e = cu[i], cu[i + 1]
+        assert b["input_ids"][s:e].tolist() == ids.tolist()
+        assert b["position_ids"][s:e].tolist() == list(range(e - s))
+        labels = b["labels"][s:e].tolist()
+        assert labels[-1] == -100  # never a target in the next sample
+        assert labels[:-1] == [int(t) if m else -100 for t, m in zip(ids[1:], mask[1:])]
+
+
+def test_pad_invariants_and_pad_equals_pack():
+    samples = random_samples([4, 7, 2], seed=1)
+    b, p = data.pad(samples, pad_id=99), data.pack(samples)
+    L = 7
+    assert b["input_ids"].shape == (3 * L,) and b["max_seqlen"] == L
+    assert b["cu_seqlens"].tolist() == [0, 7, 14, 21] and b["cu_seqlens"].dtype == torch.int32
+    assert b["position_ids"].tolist() == list(range(L)) * 3
+    for i, (ids, _) in enumerate(samples):
+        row, lab = b["input_ids"][i * L:(i + 1) * L], b["labels"][i * L:(i + 1) * L]
+        assert row[:len(ids)].tolist() == ids.tolist() and (row[len(ids):] == 99).all()
+        assert (lab[len(ids) - 1:] == -100).all()
+        s = p["cu_seqlens"][i]
+        assert lab[:len(ids)].tolist() == p["labels"][s:s + len(ids)].tolist()
+
+
+# --- inspect CLI ------------------------------------------------------------------------------------
+
+@needs_tokenizer
+def test_inspect_cli(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(ROOT / "data.py"), "inspect", str(REFERENCE / "retool_like_sample.parquet"),
+           "--tokenizer", str(MODEL), "--rows", "1:3", "--jsonl", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "=== row 1 of " in r.stdout and "=== row 3 of" not in r.stdout
+    assert "<|im_start|>assistant\n[[Note that" in r.stdout and "<|im_end|>\n]]<|im_start|>user" in r.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["row"] for x in records] == [1, 2]
+    case = json.loads((REFERENCE / "chat_template_cases.json").read_text())["cases"][0]  # = row 1
+    assert records[0]["input_ids"] == case["input_ids"] and records[0]["loss_mask"] == case["loss_mask"]
+    assert f"{len(case['input_ids'])} tokens, {sum(case['loss_mask'])} trained" in r.stdout
+
+    bad = write(tmp_path, [{"messages": [{"role": "bot", "content": "x"}]}])
+    r = subprocess.run(cmd[:3] + [str(bad), "--tokenizer", str(MODEL)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: row 0 of ") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@needs_tokenizer
+def test_inspect_colours_on_a_tty_and_rejects_bad_rows(capsys, monkeypatch):
+    args = ["inspect", str(REFERENCE / "retool_like_sample.parquet"), "--tokenizer", str(MODEL), "--rows", "1"]
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    data.main(args)
+    out = capsys.readouterr().out
+    assert "<|im_start|>assistant\n\x1b[1;32mNote that" in out and "[[" not in out
+    assert out.count("=== row ") == 1
+    with pytest.raises(SystemExit) as e:
+        data.main(args[:-1] + ["x:y"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --rows 'x:y' is not")

@@ -1,0 +1,191 @@
+import numpy as np
+import pytest
+import torch
+
+import data
+import model as M
+import parallel
+import train
+from tests_util import distributed
+
+REFERENCE_COMMAND = """
+data.train_files=/d/train.parquet data.val_files=/d/train.parquet data.max_length=16384
+data.train_batch_size=16 data.multiturn.enable=true data.multiturn.messages_key=messages
+data.multiturn.tools_key=tools data.micro_batch_size_per_gpu=2
+model.partial_pretrain=/m/Qwen2.5-0.5B-Instruct model.strategy=fsdp
+trainer.default_local_dir=/s/ckpt trainer.project_name=wuxibin-multiturn-sft
+trainer.experiment_name=multiturn-sft-Qwen2.5-0.5B-Instruct trainer.logger=["console"] trainer.total_epochs=2
+ulysses_sequence_parallel_size=2 use_remove_padding=true
+""".split()
+
+
+def test_reference_command_parses():
+    a = train.parse_args(REFERENCE_COMMAND)
+    assert a.train_files == ["/d/train.parquet"] and a.val_files == ["/d/train.parquet"]
+    assert (a.max_length, a.train_batch_size, a.micro_batch_size_per_gpu) == (16384, 16, 2)
+    assert a.multiturn is True and a.messages_key == "messages" and a.tools_key == "tools"
+    assert a.partial_pretrain == "/m/Qwen2.5-0.5B-Instruct" and a.strategy == "fsdp"
+    assert a.default_local_dir == "/s/ckpt" and a.logger == ["console"] and a.total_epochs == 2
+    assert a.sp_size == 2 and a.use_remove_padding is True
+    # defaults of SPEC §2
+    assert (a.lr, a.betas, a.weight_decay, a.clip_grad, a.warmup_steps_ratio) == (1e-5, [0.9, 0.95], 0.01, 1.0, 0.1)
+    assert (a.seed, a.save_freq, a.test_freq, a.resume_mode, a.truncation) == (1, -1, -1, "auto", "error")
+    assert a.enable_gradient_checkpointing is True and a.lr_scheduler == "cosine"
+
+
+def test_argument_forms_aliases_and_later_wins():
+    a = train.parse_args(["--data.max_length", "64", "--optim.lr=2e-4", "+data.micro_batch_size=3",
+                          "optim.lr_warmup_steps_ratio=0.5", "data.max_length=128", "trainer.logger=[console,wandb]",
+                          "optim.betas=[0.8, 0.9]", "trainer.total_training_steps=null", "data.val_files=None"])
+    assert a.max_length == 128 and a.lr == 2e-4 and a.micro_batch_size_per_gpu == 3
+    assert a.warmup_steps_ratio == 0.5 and a.logger == ["console", "wandb"] and a.betas == [0.8, 0.9]
+    assert a.total_training_steps is None and a.val_files is None
+    assert train.parse_args([]).default_local_dir == "checkpoints/gsm8k-sft/test"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["data.max_lenght=5"], "unknown key 'data.max_lenght' (did you mean data.max_length?)"),
+    (["use_remove_padding=maybe"], "use_remove_padding: 'maybe' is not a boolean"),
+    (["optim.betas=[0.9,x]"], "is not a list of numbers"),
+    (["trainer.logger=[console"], "is not a list"),
+    (["data.truncation=middle"], "invalid choice"),
+    (["stray"], "argument 'stray' is not key=value"),
+])
+def test_bad_command_lines(argv, message):
+    with pytest.raises(train.ConfigError) as e:
+        train.parse_args(argv)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("extra,world,message", [
+    (["ulysses_sequence_parallel_size=2"], 2, "needs use_remove_padding=true"),
+    (["ulysses_sequence_parallel_size=3", "use_remove_padding=true"], 2, "must divide the number of processes"),
+    (["data.train_batch_size=15"], 2, "not divisible by the data-parallel size 2"),
+    (["data.train_batch_size=16", "data.micro_batch_size_per_gpu=3"], 2, "must divide the per-rank batch 8"),
+    (["model.lora_rank=8"], 1, "LoRA is not supported"),
+    (["model.use_liger=true"], 1, "use_liger=true is not supported"),
+    (["model.trust_remote_code=true"], 1, "trust_remote_code"),
+])
+def test_bad_combinations(extra, world, message):
+    args = train.parse_args(["data.train_files=x", "model.partial_pretrain=y"] + extra)
+    with pytest.raises(train.ConfigError, match=message):
+        train.validate(args, world)
+
+
+def test_schedule_first_update_nonzero_and_cosine_to_zero():
+    f = train.lr_lambda(100, 0.1, "cosine")
+    assert f(0) == pytest.approx(0.1) and f(9) == 1.0 and f(10) == 1.0
+    assert f(55) == pytest.approx(0.5) and 0 < f(99) < 0.001
+    w = train.lr_lambda(100, 0.1, "wsd")
+    assert w(50) == 1.0 and w(89) == 1.0 and w(95) == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- step equalities
+
+TINY = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=64, hidden_size=32,
+            intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=128)
+LENGTHS = [7, 12, 3, 20, 9, 15, 4, 11]
+
+
+def samples():
+    g = np.random.default_rng(0)
+    out = []
+    for L in LENGTHS:
+        mask = (g.random(L) < 0.6).astype(np.uint8)
+        mask[-1] = 1
+        out.append((g.integers(0, 64, L), mask))
+    return out
+
+
+def _step_worker(rank, world_size, model_dir, variants, save_dir):
+    results = []
+    for v in variants:
+        args = train.parse_args([f"model.partial_pretrain={model_dir}", "data.train_files=x", "data.train_batch_size=8",
+                                 f"ulysses_sequence_parallel_size={v['sp']}", f"use_remove_padding={v['packed']}",
+                                 f"data.micro_batch_size_per_gpu={v['mbs']}", "trainer.device=cpu",
+                                 f"model.enable_gradient_checkpointing={v.get('ckpt', False)}",
+                                 f"trainer.default_local_dir={save_dir}", "optim.lr=1e-2"])
+        train.validate(args, world_size)
+        world_mesh, dp_sp = parallel.build_meshes("cpu", world_size, args.sp_size)
+        dp_rank, dp_size = dp_sp["dp"].get_local_rank(), world_size // args.sp_size
+        model = train.build_model(args, torch.device("cpu"), world_mesh, dp_sp["sp"].get_group())
+        ctx = dict(device=torch.device("cpu"), pad_id=0, dp_rank=dp_rank, dp_size=dp_size,
+                   sp_rank=dp_sp["sp"].get_local_rank(), dp_group=dp_sp["dp"].get_group(), world_size=world_size)
+        mine = [samples()[i] for i in data.shard(np.arange(8), dp_rank, dp_size)]
+        collate = data.pack if args.use_remove_padding else (lambda s: data.pad(s, 0))
+        micro = [collate(mine[i:i + args.micro_batch_size_per_gpu]) for i in range(0, len(mine), args.micro_batch_size_per_gpu)]
+        loss, n_tokens = train.forward_backward(model, micro, args, ctx)
+        grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
+        results.append((loss, n_tokens, grads))
+        if v.get("save"):
+            torch.optim.AdamW(model.parameters(), lr=1e-2).step()
+            train.save_checkpoint(model, M.read_config(model_dir), args, 1, rank)
+            full = {k: t.to(torch.bfloat16).float() for k, t in model.state_dict().items()}
+            full = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t) for k, t in full.items()}
+            results.append(full)
+    return results
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    M.save_pretrained(M.build_random(TINY, seed=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(model_dir, tmp_path_factory):
+    variants = [dict(sp=1, mbs=4, packed=True), dict(sp=1, mbs=1, packed=True), dict(sp=1, mbs=4, packed=False),
+                dict(sp=1, mbs=2, packed=True, ckpt=True)]
+    return distributed.run(_step_worker, 1, model_dir, variants, tmp_path_factory.mktemp("s1"))[0]
+
+
+@pytest.fixture(scope="module")
+def two_processes(model_dir, tmp_path_factory):
+    save = tmp_path_factory.mktemp("s2")
+    variants = [dict(sp=1, mbs=4, packed=True), dict(sp=2, mbs=4, packed=True), dict(sp=2, mbs=1, packed=True),
+                dict(sp=1, mbs=2, packed=False, save=True)]
+    return distributed.run(_step_worker, 2, model_dir, variants, save), save
+
+
+def assert_same_step(a, b):
+    assert a[1] == b[1]  # trained-token count
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    for k in a[2]:
+        torch.testing.assert_close(a[2][k], b[2][k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("i,what", [(1, "micro-batch 1 == 4"), (2, "padded == packed"), (3, "recompute == none")])
+def test_one_process_equalities(one_process, i, what):
+    assert_same_step(one_process[i], one_process[0])
+
+
+@pytest.mark.parametrize("i,what", [(0, "dp=2 == dp=1"), (1, "sp=2 == sp=1"), (2, "sp=2 mbs=1 == sp=1"),
+                                    (3, "dp=2 padded mbs=2 == dp=1")])
+def test_two_process_equalities(one_process, two_processes, i, what):
+    for rank_result in two_processes[0]:
+        assert_same_step(rank_result[i], one_process[0])
+
+
+def test_loss_is_token_mean(one_process, model_dir):
+    m = M.load_pretrained(model_dir)
+    b = data.pack(samples())
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(m(b["input_ids"], b["cu_seqlens"]), b["labels"], ignore_index=-100)
+    assert one_process[0][0] == pytest.approx(float(ce), rel=1e-5)
+    assert one_process[0][1] == int((b["labels"] != -100).sum())
+
+
+def test_checkpoint_reloads_to_the_trained_weights(two_processes):
+    results, save = two_processes
+    trained = results[0][4]
+    hf = save / "global_step_1" / "huggingface"
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert (hf / "generation_config.json").is_file()
+    loaded = M.load_pretrained(hf)
+    ref = M.build_random(TINY)
+    M.load_state_dict_into(ref, trained)
+    b = data.pack(samples())
+    with torch.no_grad():
+        assert torch.equal(loaded(b["input_ids"], b["cu_seqlens"]), ref(b["input_ids"], b["cu_seqlens"]))
