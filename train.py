@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -21,7 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
 import data
 import model as M
@@ -30,6 +34,10 @@ import parallel
 
 class ConfigError(Exception):
     """A bad flag or combination of flags; the message names the key and the fix."""
+
+
+class TrainingError(Exception):
+    """The run cannot usefully go on (e.g. repeated non-finite gradients); the message says why."""
 
 
 # --------------------------------------------------------------------------- command line
@@ -127,6 +135,8 @@ def build_parser():
     a("--trainer.save_freq", dest="save_freq", type=int, default=-1)
     a("--trainer.test_freq", dest="test_freq", type=int, default=-1)
     a("--trainer.max_ckpt_to_keep", dest="max_ckpt_to_keep", type=optional(int), default=None)
+    a("--trainer.max_consecutive_skips", dest="max_consecutive_skips", type=int, default=5,
+      help="stop after this many consecutive non-finite grad norms (ours, not verl's)")
     a("--trainer.resume_mode", dest="resume_mode", default="auto", choices=["auto", "disable", "resume_path"])
     a("--trainer.resume_from_path", dest="resume_from_path", type=optional(str), default=None)
     a("--trainer.nnodes", dest="nnodes", type=int, default=1, help="accepted; torchrun decides")
@@ -306,35 +316,155 @@ def evaluate(model, samples, args, ctx):
     return float(ce / tokens.clamp(min=1))
 
 
-def save_checkpoint(model, cfg, args, step, rank):
-    """global_step_N/huggingface/ in bf16, loadable by transformers and vLLM as it is.
+# --------------------------------------------------------------------------- checkpoints
 
-    Written under a temporary name and renamed when complete, so a crash never leaves a half
-    checkpoint behind a valid name; then latest_checkpointed_iteration.txt is replaced atomically.
+# Keys whose change would change what the saved data position or schedule means: a resume with
+# any of them different is refused (world size, micro-batch size and sp size may change freely).
+RESUME_KEYS = ("train_files", "train_batch_size", "max_length", "truncation", "seed", "total_epochs",
+               "multiturn", "messages_key", "tools_key", "prompt_key", "response_key",
+               "lr", "lr_scheduler", "warmup_steps_ratio")
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+            "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+class CheckpointError(Exception):
+    """Saving or resuming failed for a reason the user can fix (disk, paths, changed config)."""
+
+
+def rng_state(device):
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def write_hf(state, cfg, src, path):
+    """huggingface/: bf16 weights, config, tokenizer and generation config — what transformers and
+    vLLM load as they are."""
+    M.save_state_dict(state, cfg, path, dtype=torch.bfloat16)
+    for name in HF_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, path / name)
+    if not (path / "generation_config.json").is_file():
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if k in cfg}
+        (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def complete_checkpoints(out):
+    """Steps of the complete checkpoints in out (a complete one has trainer_state.json), ascending."""
+    steps = []
+    for p in Path(out).glob("global_step_*"):
+        if p.name.removeprefix("global_step_").isdigit() and (p / "trainer_state.json").is_file():
+            steps.append(int(p.name.removeprefix("global_step_")))
+    return sorted(steps)
+
+
+def save_checkpoint(model, optimizer, scheduler, cfg, args, position, rank, device):
+    """global_step_N/: huggingface/ + the resume state (sharded model and optimizer through
+    torch.distributed.checkpoint, so another rank count can read them; scheduler, RNG per rank,
+    data position, config).
+
+    Everything is written under a temporary name and renamed only when every rank has finished,
+    then latest_checkpointed_iteration.txt is replaced atomically: a crash at any moment leaves
+    the previous checkpoint and the pointer valid. A failed write on any rank stops every rank.
     """
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # (all ranks)
     out = Path(args.default_local_dir)
-    final = out / f"global_step_{step}"
-    if rank == 0:
-        tmp = out / f".tmp_global_step_{step}"
+    step = position["step"]
+    final, tmp = out / f"global_step_{step}", out / f".tmp_global_step_{step}"
+
+    def attempt(fn):
+        try:
+            fn()
+            return None
+        except OSError as e:
+            return e
+
+    def check(err):
+        failed = all_sum(torch.tensor(float(err is not None)))  # (all ranks)
+        if failed:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write checkpoint {final} ({err or 'failed on another rank'}); "
+                                  "the previous checkpoint is intact: free disk space or fix "
+                                  "trainer.default_local_dir, then rerun to resume.")
+
+    def prepare():
         shutil.rmtree(tmp, ignore_errors=True)
-        hf = tmp / "huggingface"
-        M.save_state_dict(state, cfg, hf, dtype=torch.bfloat16)
-        src = Path(args.partial_pretrain)
-        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                     "special_tokens_map.json", "added_tokens.json", "generation_config.json"):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, hf / name)
-        if not (hf / "generation_config.json").is_file():
-            gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if k in cfg}
-            (hf / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        tmp.mkdir(parents=True)
+    check(attempt(prepare) if rank == 0 else None)
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # (all ranks) sharded
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))  # (all ranks)
+        err = attempt(lambda: torch.save(rng_state(device), tmp / f"rng_rank{rank}.pt"))
+    except CheckpointException as e:  # a write failed somewhere; DCP raises on every rank
+        err = OSError(str(e).splitlines()[0] if str(e) else "write failed")
+    check(err)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # (all ranks)
+
+    def finish():
+        write_hf(full, cfg, args.partial_pretrain, tmp / "huggingface")
+        meta = {**position, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
+                "config": {k: getattr(args, k) for k in RESUME_KEYS}}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")  # marks it complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        pointer = out / "latest_checkpointed_iteration.txt"
         (out / ".latest.tmp").write_text(f"{step}\n")
-        os.replace(out / ".latest.tmp", pointer)
-        print(f"saved {final}/huggingface", flush=True)
-    dist.barrier()  # (all ranks) nobody moves on before the checkpoint is complete
+        os.replace(out / ".latest.tmp", out / "latest_checkpointed_iteration.txt")
+        if args.max_ckpt_to_keep and args.max_ckpt_to_keep > 0:
+            for old in complete_checkpoints(out)[:-args.max_ckpt_to_keep]:
+                if old != step:
+                    shutil.rmtree(out / f"global_step_{old}", ignore_errors=True)
+    check(attempt(finish) if rank == 0 else None)
+    return final
+
+
+def find_resume(args):
+    """The checkpoint dir to resume from, or None for a fresh start."""
+    if args.resume_mode == "disable":
+        return None
+    if args.resume_mode == "resume_path":
+        path = Path(args.resume_from_path)
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"trainer.resume_from_path={path} is not a complete checkpoint (no "
+                                  "trainer_state.json); point it at a global_step_N directory.")
+        return path
+    pointer = Path(args.default_local_dir) / "latest_checkpointed_iteration.txt"
+    if not pointer.is_file():
+        return None
+    text = pointer.read_text().strip()
+    path = Path(args.default_local_dir) / f"global_step_{text}"
+    if not text.isdigit() or not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f"{pointer} names {text!r}, which is not a complete checkpoint; fix or delete "
+                              "the file, or set trainer.resume_mode=disable to start fresh.")
+    return path
+
+
+def load_checkpoint(path, model, optimizer, scheduler, args, rank, device):
+    """Restore model, optimizer, scheduler and RNG in place; returns the saved data position."""
+    meta = json.loads((path / "trainer_state.json").read_text())
+    diffs = [f"{k} {meta['config'].get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS
+             if meta["config"].get(k) != getattr(args, k)]
+    if diffs:
+        raise CheckpointError(f"cannot resume from {path}: {'; '.join(diffs)} would change the data order or "
+                              "schedule; restore the original values, or use a new trainer.default_local_dir "
+                              "(or trainer.resume_mode=disable) to start fresh.")
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # (all ranks)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))  # (all ranks) reshards to this layout
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])  # (all ranks)
+    scheduler.load_state_dict(meta["scheduler"])
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved; nothing random is drawn
+        set_rng_state(torch.load(rng_file, weights_only=False), device)
+    return {k: meta[k] for k in ("step", "epoch", "next_batch", "skipped", "consecutive_skips")}
 
 
 # --------------------------------------------------------------------------- main
@@ -420,28 +550,53 @@ def run(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, args.warmup_steps_ratio, args.lr_scheduler))
 
+    # --- resume: model, optimizer, scheduler, RNG and the data position of the latest checkpoint
+    position = dict(step=0, epoch=0, next_batch=0, skipped=0, consecutive_skips=0)
+    resume = find_resume(args)
+    if resume is not None:
+        position = load_checkpoint(resume, model, optimizer, scheduler, args, rank, device)
+        log(f"resumed from {resume}: step {position['step']}, epoch {position['epoch']}, "
+            f"batch {position['next_batch']} of {steps_per_epoch}")
+
+    # --- signals: SIGTERM/SIGINT finish the current step, save, and exit (a second SIGINT kills)
+    received = []
+
+    def on_signal(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
     # --- loop
     ctx = dict(device=device, pad_id=pad_id, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank, dp_group=dp_group,
                world_size=world_size)
     peak = peak_flops(device)
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    step, skipped, t_start = 0, 0, time.time()
+    step, skipped, consecutive = position["step"], position["skipped"], position["consecutive_skips"]
+    t_start, first_step = time.time(), position["step"]
     mbs = args.micro_batch_size_per_gpu
-    for epoch in range(args.total_epochs):
-        for batch_indices in data.epoch_batches(len(train), args.train_batch_size, args.seed, epoch):
+    for epoch in range(position["epoch"], args.total_epochs):
+        batches = data.epoch_batches(len(train), args.train_batch_size, args.seed, epoch)
+        for b in range(position["next_batch"] if epoch == position["epoch"] else 0, len(batches)):
             if step >= stop_at:
                 break
             t0 = time.time()
-            samples = [train[i] for i in data.shard(batch_indices, dp_rank, dp_size)]
+            samples = [train[i] for i in data.shard(batches[b], dp_rank, dp_size)]
             micro = [collate(samples[i:i + mbs]) for i in range(0, len(samples), mbs)]
             train_loss, n_tokens = forward_backward(model, micro, args, ctx)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)  # (all ranks)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if math.isfinite(grad_norm):
                 optimizer.step()
+                consecutive = 0
             else:
-                skipped += 1
+                skipped, consecutive = skipped + 1, consecutive + 1
                 log(f"warning: step {step + 1}: non-finite grad norm, update skipped ({skipped} so far)")
+                if consecutive >= args.max_consecutive_skips:
+                    raise TrainingError(f"{consecutive} consecutive steps had a non-finite gradient norm (last: "
+                                        f"step {step + 1}); lower optim.lr or check the data, then resume from the "
+                                        "last checkpoint.")
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -454,7 +609,7 @@ def run(args):
             line = (f"step {step}/{stop_at} | loss {train_loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
                     f"{rec['train/tokens_per_s_per_gpu']:,.0f} tok/s/gpu")
             if peak:
-                mean_len = seq_tokens / (args.train_batch_size)
+                mean_len = seq_tokens / args.train_batch_size
                 rec["train/mfu"] = M.flops_per_token(cfg, mean_len) * seq_tokens / dt / world_size / peak
                 rec["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 line += f" | mfu {rec['train/mfu']:.1%} | mem {rec['train/peak_mem_gib']:.1f}G"
@@ -462,13 +617,22 @@ def run(args):
             if val is not None and (last or (args.test_freq > 0 and step % args.test_freq == 0)):
                 rec["val/loss"] = evaluate(model, val, args, ctx)
                 line += f" | val_loss {rec['val/loss']:.4f}"
-            line += f" | eta {fmt_time((time.time() - t_start) / step * (stop_at - step))}"
+            line += f" | eta {fmt_time((time.time() - t_start) / (step - first_step) * (stop_at - step))}"
             log(line, flush=True)
             if metrics_file:
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
-            if last or (args.save_freq > 0 and step % args.save_freq == 0):
-                save_checkpoint(model, cfg, args, step, rank)
+            stopping = bool(all_sum(torch.tensor(float(bool(received)))))  # (all ranks) agree to stop together
+            if last or stopping or (args.save_freq > 0 and step % args.save_freq == 0):
+                nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
+                path = save_checkpoint(model, optimizer, scheduler, cfg, args,
+                                       dict(step=step, epoch=nxt[0], next_batch=nxt[1], skipped=skipped,
+                                            consecutive_skips=consecutive), rank, device)
+                log(f"saved {path}")
+            if stopping:
+                log(f"stopped by signal after step {step}; rerun the same command to resume from {path}.")
+                dist.destroy_process_group()
+                return
     log(f"done: {step} steps in {fmt_time(time.time() - t_start)}; checkpoints in {out}")
     dist.destroy_process_group()
 
@@ -477,7 +641,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         run(parse_args(argv))
-    except (ConfigError, data.DataError, M.ModelError, parallel.ParallelError) as e:
+    except (ConfigError, CheckpointError, TrainingError, data.DataError, M.ModelError, parallel.ParallelError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

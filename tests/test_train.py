@@ -119,8 +119,12 @@ def _step_worker(rank, world_size, model_dir, variants, save_dir):
         grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
         results.append((loss, n_tokens, grads))
         if v.get("save"):
-            torch.optim.AdamW(model.parameters(), lr=1e-2).step()
-            train.save_checkpoint(model, M.read_config(model_dir), args, 1, rank)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            optimizer.step()
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+            position = dict(step=1, epoch=0, next_batch=1, skipped=0, consecutive_skips=0)
+            train.save_checkpoint(model, optimizer, scheduler, M.read_config(model_dir), args, position, rank,
+                                  torch.device("cpu"))
             full = {k: t.to(torch.bfloat16).float() for k, t in model.state_dict().items()}
             full = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t) for k, t in full.items()}
             results.append(full)
