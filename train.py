@@ -209,6 +209,12 @@ def validate(args, world_size):
                           f"per-rank batch {args.train_batch_size // dp} (train_batch_size / dp size {dp}).")
     if args.resume_mode == "resume_path" and not args.resume_from_path:
         raise ConfigError("trainer.resume_mode=resume_path needs trainer.resume_from_path=global_step_N dir.")
+    for f in args.train_files + (args.val_files or []):
+        if not Path(f).exists():
+            raise ConfigError(f"data file {f} does not exist; check data.train_files / data.val_files.")
+    if not (Path(args.partial_pretrain) / "config.json").is_file():
+        raise ConfigError(f"model.partial_pretrain={args.partial_pretrain} has no config.json; point it at a "
+                          "Hugging Face model directory (config.json, *.safetensors, tokenizer.json).")
 
 
 # --------------------------------------------------------------------------- helpers

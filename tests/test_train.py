@@ -65,8 +65,10 @@ def test_bad_command_lines(argv, message):
     (["model.lora_rank=8"], 1, "LoRA is not supported"),
     (["model.use_liger=true"], 1, "use_liger=true is not supported"),
     (["model.trust_remote_code=true"], 1, "trust_remote_code"),
+    ([], 1, "data file x does not exist"),
 ])
 def test_bad_combinations(extra, world, message):
+    # each combination error comes before the file checks, so the paths need not exist
     args = train.parse_args(["data.train_files=x", "model.partial_pretrain=y"] + extra)
     with pytest.raises(train.ConfigError, match=message):
         train.validate(args, world)
@@ -101,7 +103,7 @@ def samples():
 def _step_worker(rank, world_size, model_dir, variants, save_dir):
     results = []
     for v in variants:
-        args = train.parse_args([f"model.partial_pretrain={model_dir}", "data.train_files=x", "data.train_batch_size=8",
+        args = train.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}", "data.train_batch_size=8",
                                  f"ulysses_sequence_parallel_size={v['sp']}", f"use_remove_padding={v['packed']}",
                                  f"data.micro_batch_size_per_gpu={v['mbs']}", "trainer.device=cpu",
                                  f"model.enable_gradient_checkpointing={v.get('ckpt', False)}",

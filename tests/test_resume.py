@@ -1,0 +1,177 @@
+"""Resume exactness, safe checkpoints and run-stopping failures, through train.py itself."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import demo
+import model as M
+import train
+from tests_util import distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory):
+    paths = demo.make_demo(tmp_path_factory.mktemp("demo"), train_rows=48, val_rows=8)
+    return paths
+
+
+def job_args(paths, out, *extra):
+    return [f"data.train_files={paths['train']}", f"data.val_files={paths['val']}", "data.train_batch_size=8",
+            "data.micro_batch_size_per_gpu=2", "data.multiturn.enable=true", f"model.partial_pretrain={paths['model']}",
+            "trainer.total_epochs=2", "trainer.device=cpu", "use_remove_padding=true", "optim.lr=2e-3",
+            f"trainer.default_local_dir={out}", *extra]
+
+
+def run_train(args, nproc=2, check=True):
+    if nproc == 1:
+        cmd = [sys.executable, "train.py", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_exact_mid_epoch_and_across_epoch_boundary(tiny_job, tmp_path):
+    straight, pieces = tmp_path / "straight", tmp_path / "pieces"
+    sp2 = ["ulysses_sequence_parallel_size=2"]
+    run_train(job_args(tiny_job, straight, *sp2))
+    # 12 steps = 2 epochs of 6. Stop at 3 (mid-epoch 0), resume to 8 (across the boundary), resume to 12,
+    # keeping at most 2 checkpoints; the second resume runs with dp=2 instead of sp=2 (layout-free state).
+    run_train(job_args(tiny_job, pieces, *sp2, "trainer.total_training_steps=3"))
+    run_train(job_args(tiny_job, pieces, *sp2, "trainer.total_training_steps=8", "trainer.max_ckpt_to_keep=2"))
+    run_train(job_args(tiny_job, pieces, "trainer.max_ckpt_to_keep=2"))
+    a, b = metrics(straight), metrics(pieces)
+    assert [r["step"] for r in b] == list(range(1, 13)) == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-6, abs=1e-7), ra["step"]
+        assert rb["train/lr"] == pytest.approx(ra["train/lr"], rel=1e-12)
+    assert a[0]["train/loss"] > a[-1]["train/loss"] + 0.5  # it learns
+    wa = load_file(straight / "global_step_12" / "huggingface" / "model.safetensors")
+    wb = load_file(pieces / "global_step_12" / "huggingface" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k].float(), wb[k].float(), rtol=0, atol=2 ** -7 * wa[k].abs().max().item())
+    assert sorted(p.name for p in pieces.glob("global_step_*")) == ["global_step_12", "global_step_8"]
+    assert (pieces / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+    # The finished run's checkpoint loads as a plain HF model.
+    M.load_pretrained(pieces / "global_step_12" / "huggingface")
+
+    # A resume whose config changes the data order is refused, naming the difference.
+    p = run_train(job_args(tiny_job, pieces, "data.train_batch_size=4"), nproc=1, check=False)
+    assert p.returncode == 2
+    assert "cannot resume from" in p.stderr and "train_batch_size 8 -> 4" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_sigterm_saves_and_exits_then_resumes(tiny_job, tmp_path):
+    out = tmp_path / "sig"
+    cmd = [sys.executable, "train.py", *job_args(tiny_job, out, "trainer.total_epochs=4")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped by signal after step" in stdout
+    step = int((out / "latest_checkpointed_iteration.txt").read_text())
+    assert 1 <= step < 24 and (out / f"global_step_{step}" / "trainer_state.json").is_file()
+    run_train(job_args(tiny_job, out, "trainer.total_epochs=4"), nproc=1)
+    assert [r["step"] for r in metrics(out)] == list(range(1, 25))
+
+
+def test_repeated_nonfinite_grads_stop_the_run(tiny_job, tmp_path):
+    bad = tmp_path / "nan_model"
+    bad.mkdir()
+    for f in Path(tiny_job["model"]).iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    w = load_file(bad / "model.safetensors")
+    w["model.norm.weight"][0] = float("nan")
+    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    args = job_args({**tiny_job, "model": bad}, tmp_path / "out", "trainer.max_consecutive_skips=2")
+    p = run_train(args, nproc=1, check=False)
+    assert p.returncode == 2
+    assert "non-finite grad norm, update skipped (1 so far)" in p.stdout
+    assert "2 consecutive steps had a non-finite gradient norm" in p.stderr and "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------- crashes while saving
+
+def _crash_worker(rank, world_size, paths, out):
+    args = train.parse_args(job_args(paths, out, "trainer.max_ckpt_to_keep=5"))
+    world_mesh, dp_sp = train.parallel.build_meshes("cpu", world_size, 1)
+    model = train.build_model(args, torch.device("cpu"), world_mesh, dp_sp["sp"].get_group())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    cfg = M.read_config(paths["model"])
+    cpu = torch.device("cpu")
+
+    def save(step):
+        pos = dict(step=step, epoch=0, next_batch=step, skipped=0, consecutive_skips=0)
+        return train.save_checkpoint(model, optimizer, scheduler, cfg, args, pos, rank, cpu)
+    save(1)
+    seen = {}
+    real_write_hf, real_replace = train.write_hf, os.replace
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    train.write_hf = disk_full
+    try:
+        save(2)
+    except train.CheckpointError as e:
+        seen["disk_full"] = str(e)
+    train.write_hf = real_write_hf
+    seen["after_disk_full"] = sorted(p.name for p in Path(out).iterdir() if p.name.startswith((".tmp", "global")))
+
+    def killed(src, dst):  # the process dies just before the rename: nothing after it happens
+        raise KeyboardInterrupt
+    os.replace = killed
+    try:
+        save(3)
+    except KeyboardInterrupt:
+        seen["killed"] = True
+    os.replace = real_replace
+    seen["resume_from"] = str(train.find_resume(args))
+    train.load_checkpoint(train.find_resume(args), model, optimizer, scheduler, args, rank, cpu)
+    return seen
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tiny_job, tmp_path):
+    seen = distributed.run(_crash_worker, 1, tiny_job, tmp_path)[0]
+    assert "could not write checkpoint" in seen["disk_full"] and "No space left" in seen["disk_full"]
+    assert "previous checkpoint is intact" in seen["disk_full"]
+    assert seen["after_disk_full"] == ["global_step_1"]
+    assert seen["killed"] and seen["resume_from"] == str(tmp_path / "global_step_1")
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert not (tmp_path / "global_step_3").exists()
+
+
+def test_resume_errors(tmp_path):
+    args = train.parse_args(["data.train_files=x", "model.partial_pretrain=y", f"trainer.default_local_dir={tmp_path}"])
+    assert train.find_resume(args) is None  # nothing saved yet: a fresh start
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("7\n")
+    with pytest.raises(train.CheckpointError, match="not a complete checkpoint"):
+        train.find_resume(args)
+    args.resume_mode = "disable"
+    assert train.find_resume(args) is None
+    args.resume_mode, args.resume_from_path = "resume_path", str(tmp_path / "nope")
+    with pytest.raises(train.CheckpointError, match="resume_from_path=.* is not a complete checkpoint"):
+        train.find_resume(args)
