@@ -8,6 +8,7 @@ template rendered through jinja2 the way transformers renders it.
 """
 import argparse
 import hashlib
+import heapq
 import json
 import os
 import sys
@@ -325,6 +326,51 @@ def shard(batch_indices, dp_rank, dp_size):
     """This dp rank's contiguous slice of one global batch (train.py checks divisibility)."""
     per = len(batch_indices) // dp_size
     return batch_indices[dp_rank * per:(dp_rank + 1) * per]
+
+
+def balanced_shard(lengths, batch_indices, dp_rank, dp_size):
+    """This dp rank's samples of one global batch when micro-batches are sized by tokens.
+
+    With token budgets (verl's data.use_dynamic_bsz) ranks balance tokens, not sample counts:
+    longest sample first, each to the rank with the fewest tokens so far (ties: fewer samples,
+    then lower rank), so every rank's step takes about as long. Every sample goes to exactly one
+    rank (a rank may get none when the batch is smaller than dp_size); the batch's shuffled order
+    is kept within the rank.
+    """
+    batch_indices = np.asarray(batch_indices)
+    lens = np.asarray(lengths)[batch_indices]
+    order = np.argsort(-lens, kind="stable")  # longest first; equal lengths in batch order
+    loads = [(0, 0, r) for r in range(dp_size)]  # heap of (tokens, samples, rank): already sorted
+    owner = np.empty(len(batch_indices), dtype=np.int64)
+    for i in order:
+        tokens, count, r = heapq.heappop(loads)
+        owner[i] = r
+        heapq.heappush(loads, (tokens + int(lens[i]), count + 1, r))
+    return batch_indices[owner == dp_rank]
+
+
+def token_budget_micro_batches(lengths, max_tokens):
+    """Positions into lengths grouped into micro-batches of at most max_tokens tokens each.
+
+    First-fit decreasing (longest sample into the first micro-batch with room) keeps the count
+    near the minimum (at most 11/9 of it, plus one). Deterministic: micro-batches in the order
+    they were opened (the first holds the longest sample), positions ascending within each.
+    A sample longer than the budget cannot be placed and is an error.
+    """
+    lengths = [int(n) for n in lengths]
+    for i, n in enumerate(lengths):
+        if n > max_tokens:
+            raise DataError(f"a sample of {n} tokens (position {i} of the batch) exceeds the micro-batch "
+                            f"token budget {max_tokens}; set data.max_token_len_per_gpu >= data.max_length.")
+    batches, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties in position order
+        b = next((b for b, free in enumerate(room) if lengths[i] <= free), len(batches))
+        if b == len(batches):
+            batches.append([])
+            room.append(max_tokens)
+        batches[b].append(i)
+        room[b] -= lengths[i]
+    return [sorted(b) for b in batches]
 
 
 def pack(samples):

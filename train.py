@@ -96,6 +96,10 @@ def build_parser():
     a("--data.response_key", dest="response_key", default="answer", help="single-turn response column")
     a("--data.prompt_dict_keys", dest="prompt_dict_keys", type=optional(str_list), default=None)
     a("--data.response_dict_keys", dest="response_dict_keys", type=optional(str_list), default=None)
+    a("--data.use_dynamic_bsz", dest="use_dynamic_bsz", type=boolean, default=False,
+      help="micro-batches packed up to a token budget instead of a fixed sample count")
+    a("--data.max_token_len_per_gpu", dest="max_token_len_per_gpu", type=int, default=16384,
+      help="token budget of one micro-batch per GPU (x sp size per sp group) with use_dynamic_bsz")
     a("--data.balance_dp_token", dest="balance_dp_token", type=boolean, default=False,
       help="accepted; the loss is always the global token mean")
     # model
@@ -200,6 +204,12 @@ def validate(args, world_size):
     if args.sp_size < 1 or world_size % args.sp_size:
         raise ConfigError(f"ulysses_sequence_parallel_size={args.sp_size} must divide the number of "
                           f"processes ({world_size}).")
+    if args.use_dynamic_bsz and not args.use_remove_padding:
+        raise ConfigError("data.use_dynamic_bsz=true needs use_remove_padding=true (token budgets pack samples).")
+    if args.use_dynamic_bsz and args.max_length > args.max_token_len_per_gpu * args.sp_size:
+        raise ConfigError(f"data.max_length={args.max_length} exceeds the micro-batch token budget "
+                          f"{args.max_token_len_per_gpu * args.sp_size} (data.max_token_len_per_gpu x sp size); "
+                          "raise data.max_token_len_per_gpu or lower data.max_length.")
     dp = world_size // args.sp_size
     if args.train_batch_size % dp:
         raise ConfigError(f"data.train_batch_size={args.train_batch_size} is not divisible by the "
@@ -273,6 +283,35 @@ def build_model(args, device, world_mesh, sp_group):
                                cpu_offload=args.cpu_offload or args.offload_params)
 
 
+def collate(samples, args, pad_id):
+    """One packed varlen stream (use_remove_padding) or the same samples right-padded."""
+    return data.pack(samples) if args.use_remove_padding else data.pad(samples, pad_id)
+
+
+def step_micro_batches(train, lengths, batch_indices, args, ctx):
+    """This rank's micro-batches of one global batch, and its samples.
+
+    Fixed size: a contiguous dp shard cut into micro_batch_size_per_gpu samples. Token budget
+    (use_dynamic_bsz): dp ranks balance tokens, then first-fit packing up to
+    max_token_len_per_gpu x sp_size tokens per micro-batch (an sp group splits each stream S ways,
+    so each GPU still holds max_token_len_per_gpu). FSDP's collectives need every rank to run as
+    many micro-batches as the others, so the short lists get empty ones (one untrained token).
+    The loss is the global token mean either way, so the step is the same as with fixed sizes.
+    """
+    if not args.use_dynamic_bsz:
+        samples = [train[i] for i in data.shard(batch_indices, ctx["dp_rank"], ctx["dp_size"])]
+        mbs = args.micro_batch_size_per_gpu
+        return [collate(samples[i:i + mbs], args, ctx["pad_id"]) for i in range(0, len(samples), mbs)], samples
+    mine = data.balanced_shard(lengths, batch_indices, ctx["dp_rank"], ctx["dp_size"])
+    samples = [train[i] for i in mine]
+    groups = data.token_budget_micro_batches(lengths[mine], args.max_token_len_per_gpu * args.sp_size)
+    micro = [data.pack([samples[i] for i in g]) for g in groups]
+    count = torch.tensor(float(len(micro)), device=ctx["device"])
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)  # (all ranks)
+    empty = (np.array([ctx["pad_id"]], dtype=np.int64), np.zeros(1, dtype=np.uint8))
+    return micro + [data.pack([empty])] * (int(count) - len(micro)), samples
+
+
 def forward_backward(model, micro, args, ctx):
     """Accumulate the gradient of one optimizer step over this rank's micro-batches.
 
@@ -303,7 +342,6 @@ def all_sum(x, group=None):
 def evaluate(model, samples, args, ctx):
     """val/loss: global token mean over the whole val set. Every rank runs the same number of
     micro-batches (FSDP's collectives must match), padding its list with empty ones."""
-    collate = data.pack if args.use_remove_padding else (lambda s: data.pad(s, ctx["pad_id"]))
     mine = samples[ctx["dp_rank"]::ctx["dp_size"]]
     mbs = args.micro_batch_size_per_gpu
     n_micro = math.ceil(math.ceil(len(samples) / ctx["dp_size"]) / mbs)
@@ -313,7 +351,7 @@ def evaluate(model, samples, args, ctx):
     with torch.no_grad():
         for i in range(n_micro):
             chunk = mine[i * mbs:(i + 1) * mbs] or [empty]
-            batch = collate(chunk)
+            batch = collate(chunk, args, ctx["pad_id"])
             tokens += int((batch["labels"] != -100).sum())
             ce += loss_sum(model, batch, args, ctx["sp_rank"], ctx["pad_id"], ctx["device"]).double()
     model.train()
@@ -545,8 +583,8 @@ def run(args):
         raise ConfigError(f"data.train_batch_size={args.train_batch_size} exceeds the {len(train)} training "
                           "samples; lower data.train_batch_size.")
     total_steps = steps_per_epoch * args.total_epochs
+    lengths = np.array([len(ids) for ids, _ in train])
     stop_at = min(total_steps, args.total_training_steps or total_steps)
-    collate = data.pack if args.use_remove_padding else (lambda s: data.pad(s, pad_id))
     log(f"data: {len(train)} train samples{f', {len(val)} val' if val else ''}; {steps_per_epoch} steps/epoch "
         f"x {args.total_epochs} epochs = {total_steps} steps" + (f", stopping at {stop_at}" if stop_at < total_steps else ""))
 
@@ -581,15 +619,13 @@ def run(args):
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
     step, skipped, consecutive = position["step"], position["skipped"], position["consecutive_skips"]
     t_start, first_step = time.time(), position["step"]
-    mbs = args.micro_batch_size_per_gpu
     for epoch in range(position["epoch"], args.total_epochs):
         batches = data.epoch_batches(len(train), args.train_batch_size, args.seed, epoch)
         for b in range(position["next_batch"] if epoch == position["epoch"] else 0, len(batches)):
             if step >= stop_at:
                 break
             t0 = time.time()
-            samples = [train[i] for i in data.shard(batches[b], dp_rank, dp_size)]
-            micro = [collate(samples[i:i + mbs]) for i in range(0, len(samples), mbs)]
+            micro, samples = step_micro_batches(train, lengths, batches[b], args, ctx)
             train_loss, n_tokens = forward_backward(model, micro, args, ctx)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)  # (all ranks)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)

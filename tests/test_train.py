@@ -65,6 +65,9 @@ def test_bad_command_lines(argv, message):
     (["model.lora_rank=8"], 1, "LoRA is not supported"),
     (["model.use_liger=true"], 1, "use_liger=true is not supported"),
     (["model.trust_remote_code=true"], 1, "trust_remote_code"),
+    (["data.use_dynamic_bsz=true"], 1, "needs use_remove_padding=true"),
+    (["data.use_dynamic_bsz=true", "use_remove_padding=true", "data.max_token_len_per_gpu=512"], 1,
+     "data.max_length=1024 exceeds the micro-batch token budget 512"),
     ([], 1, "data file x does not exist"),
 ])
 def test_bad_combinations(extra, world, message):
@@ -103,20 +106,19 @@ def samples():
 def _step_worker(rank, world_size, model_dir, variants, save_dir):
     results = []
     for v in variants:
-        args = train.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}", "data.train_batch_size=8",
+        args = train.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}", "data.train_batch_size=8", "data.max_length=20",
                                  f"ulysses_sequence_parallel_size={v['sp']}", f"use_remove_padding={v['packed']}",
                                  f"data.micro_batch_size_per_gpu={v['mbs']}", "trainer.device=cpu",
                                  f"model.enable_gradient_checkpointing={v.get('ckpt', False)}",
-                                 f"trainer.default_local_dir={save_dir}", "optim.lr=1e-2"])
+                                 f"trainer.default_local_dir={save_dir}", "optim.lr=1e-2",
+                                 f"data.use_dynamic_bsz={'dynamic' in v}", f"data.max_token_len_per_gpu={v.get('dynamic', 20)}"])
         train.validate(args, world_size)
         world_mesh, dp_sp = parallel.build_meshes("cpu", world_size, args.sp_size)
         dp_rank, dp_size = dp_sp["dp"].get_local_rank(), world_size // args.sp_size
         model = train.build_model(args, torch.device("cpu"), world_mesh, dp_sp["sp"].get_group())
         ctx = dict(device=torch.device("cpu"), pad_id=0, dp_rank=dp_rank, dp_size=dp_size,
                    sp_rank=dp_sp["sp"].get_local_rank(), dp_group=dp_sp["dp"].get_group(), world_size=world_size)
-        mine = [samples()[i] for i in data.shard(np.arange(8), dp_rank, dp_size)]
-        collate = data.pack if args.use_remove_padding else (lambda s: data.pad(s, 0))
-        micro = [collate(mine[i:i + args.micro_batch_size_per_gpu]) for i in range(0, len(mine), args.micro_batch_size_per_gpu)]
+        micro, _ = train.step_micro_batches(samples(), np.array(LENGTHS), np.arange(8), args, ctx)
         loss, n_tokens = train.forward_backward(model, micro, args, ctx)
         grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
         results.append((loss, n_tokens, grads))
@@ -143,7 +145,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(model_dir, tmp_path_factory):
     variants = [dict(sp=1, mbs=4, packed=True), dict(sp=1, mbs=1, packed=True), dict(sp=1, mbs=4, packed=False),
-                dict(sp=1, mbs=2, packed=True, ckpt=True)]
+                dict(sp=1, mbs=2, packed=True, ckpt=True), dict(sp=1, mbs=4, packed=True, dynamic=30)]
     return distributed.run(_step_worker, 1, model_dir, variants, tmp_path_factory.mktemp("s1"))[0]
 
 
@@ -151,7 +153,8 @@ def one_process(model_dir, tmp_path_factory):
 def two_processes(model_dir, tmp_path_factory):
     save = tmp_path_factory.mktemp("s2")
     variants = [dict(sp=1, mbs=4, packed=True), dict(sp=2, mbs=4, packed=True), dict(sp=2, mbs=1, packed=True),
-                dict(sp=1, mbs=2, packed=False, save=True)]
+                dict(sp=1, mbs=2, packed=False, save=True), dict(sp=1, mbs=4, packed=True, dynamic=24),
+                dict(sp=2, mbs=4, packed=True, dynamic=10)]
     return distributed.run(_step_worker, 2, model_dir, variants, save), save
 
 
@@ -162,13 +165,15 @@ def assert_same_step(a, b):
         torch.testing.assert_close(a[2][k], b[2][k], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("i,what", [(1, "micro-batch 1 == 4"), (2, "padded == packed"), (3, "recompute == none")])
+@pytest.mark.parametrize("i,what", [(1, "micro-batch 1 == 4"), (2, "padded == packed"), (3, "recompute == none"),
+                                    (4, "token budget == fixed micro-batches")])
 def test_one_process_equalities(one_process, i, what):
     assert_same_step(one_process[i], one_process[0])
 
 
 @pytest.mark.parametrize("i,what", [(0, "dp=2 == dp=1"), (1, "sp=2 == sp=1"), (2, "sp=2 mbs=1 == sp=1"),
-                                    (3, "dp=2 padded mbs=2 == dp=1")])
+                                    (3, "dp=2 padded mbs=2 == dp=1"), (5, "dp=2 token budget == dp=1"),
+                                    (6, "sp=2 token budget == sp=1")])
 def test_two_process_equalities(one_process, two_processes, i, what):
     for rank_result in two_processes[0]:
         assert_same_step(rank_result[i], one_process[0])
