@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import demo
 import model as M
+import checkpoint
 import train
 from tests_util import distributed
 
@@ -126,19 +127,19 @@ def _crash_worker(rank, world_size, paths, out):
 
     def save(step):
         pos = dict(step=step, epoch=0, next_batch=step, skipped=0, consecutive_skips=0)
-        return train.save_checkpoint(model, optimizer, scheduler, cfg, args, pos, rank, cpu)
+        return checkpoint.save_checkpoint(model, optimizer, scheduler, cfg, args, pos, rank, cpu)
     save(1)
     seen = {}
-    real_write_hf, real_replace = train.write_hf, os.replace
+    real_write_hf, real_replace = checkpoint.write_hf, os.replace
 
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    train.write_hf = disk_full
+    checkpoint.write_hf = disk_full
     try:
         save(2)
-    except train.CheckpointError as e:
+    except checkpoint.CheckpointError as e:
         seen["disk_full"] = str(e)
-    train.write_hf = real_write_hf
+    checkpoint.write_hf = real_write_hf
     seen["after_disk_full"] = sorted(p.name for p in Path(out).iterdir() if p.name.startswith((".tmp", "global")))
 
     def killed(src, dst):  # the process dies just before the rename: nothing after it happens
@@ -149,8 +150,8 @@ def _crash_worker(rank, world_size, paths, out):
     except KeyboardInterrupt:
         seen["killed"] = True
     os.replace = real_replace
-    seen["resume_from"] = str(train.find_resume(args))
-    train.load_checkpoint(train.find_resume(args), model, optimizer, scheduler, args, rank, cpu)
+    seen["resume_from"] = str(checkpoint.find_resume(args))
+    checkpoint.load_checkpoint(checkpoint.find_resume(args), model, optimizer, scheduler, args, rank, cpu)
     return seen
 
 
@@ -166,12 +167,12 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_job, tmp_path):
 
 def test_resume_errors(tmp_path):
     args = train.parse_args(["data.train_files=x", "model.partial_pretrain=y", f"trainer.default_local_dir={tmp_path}"])
-    assert train.find_resume(args) is None  # nothing saved yet: a fresh start
+    assert checkpoint.find_resume(args) is None  # nothing saved yet: a fresh start
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("7\n")
-    with pytest.raises(train.CheckpointError, match="not a complete checkpoint"):
-        train.find_resume(args)
+    with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
+        checkpoint.find_resume(args)
     args.resume_mode = "disable"
-    assert train.find_resume(args) is None
+    assert checkpoint.find_resume(args) is None
     args.resume_mode, args.resume_from_path = "resume_path", str(tmp_path / "nope")
-    with pytest.raises(train.CheckpointError, match="resume_from_path=.* is not a complete checkpoint"):
-        train.find_resume(args)
+    with pytest.raises(checkpoint.CheckpointError, match="resume_from_path=.* is not a complete checkpoint"):
+        checkpoint.find_resume(args)

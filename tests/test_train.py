@@ -5,6 +5,7 @@ import torch
 import data
 import model as M
 import parallel
+import checkpoint
 import train
 from tests_util import distributed
 
@@ -127,7 +128,7 @@ def _step_worker(rank, world_size, model_dir, variants, save_dir):
             optimizer.step()
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
             position = dict(step=1, epoch=0, next_batch=1, skipped=0, consecutive_skips=0)
-            train.save_checkpoint(model, optimizer, scheduler, M.read_config(model_dir), args, position, rank,
+            checkpoint.save_checkpoint(model, optimizer, scheduler, M.read_config(model_dir), args, position, rank,
                                   torch.device("cpu"))
             full = {k: t.to(torch.bfloat16).float() for k, t in model.state_dict().items()}
             full = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t) for k, t in full.items()}

@@ -1,0 +1,170 @@
+"""Checkpoints that lose nothing: a Hugging Face directory plus the exact resume state.
+
+global_step_N/huggingface/ loads in transformers and vLLM as it is; beside it the sharded model and
+optimizer (torch.distributed.checkpoint), scheduler, RNG per rank and data position. Written under a
+temporary name and renamed when every rank has finished.
+"""
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+import model as M
+
+# Keys whose change would change what the saved data position or schedule means: a resume with
+# any of them different is refused (world size, micro-batch size and sp size may change freely).
+RESUME_KEYS = ("train_files", "train_batch_size", "max_length", "truncation", "seed", "total_epochs",
+               "multiturn", "messages_key", "tools_key", "prompt_key", "response_key",
+               "lr", "lr_scheduler", "warmup_steps_ratio")
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+            "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+class CheckpointError(Exception):
+    """Saving or resuming failed for a reason the user can fix (disk, paths, changed config)."""
+
+
+def rng_state(device):
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def write_hf(state, cfg, src, path):
+    """huggingface/: bf16 weights, config, tokenizer and generation config — what transformers and
+    vLLM load as they are."""
+    M.save_state_dict(state, cfg, path, dtype=torch.bfloat16)
+    for name in HF_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, path / name)
+    if not (path / "generation_config.json").is_file():
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if k in cfg}
+        (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def complete_checkpoints(out):
+    """Steps of the complete checkpoints in out (a complete one has trainer_state.json), ascending."""
+    steps = []
+    for p in Path(out).glob("global_step_*"):
+        if p.name.removeprefix("global_step_").isdigit() and (p / "trainer_state.json").is_file():
+            steps.append(int(p.name.removeprefix("global_step_")))
+    return sorted(steps)
+
+
+def save_checkpoint(model, optimizer, scheduler, cfg, args, position, rank, device):
+    """global_step_N/: huggingface/ + the resume state (sharded model and optimizer through
+    torch.distributed.checkpoint, so another rank count can read them; scheduler, RNG per rank,
+    data position, config).
+
+    Everything is written under a temporary name and renamed only when every rank has finished,
+    then latest_checkpointed_iteration.txt is replaced atomically: a crash at any moment leaves
+    the previous checkpoint and the pointer valid. A failed write on any rank stops every rank.
+    """
+    out = Path(args.default_local_dir)
+    step = position["step"]
+    final, tmp = out / f"global_step_{step}", out / f".tmp_global_step_{step}"
+
+    def attempt(fn):
+        try:
+            fn()
+            return None
+        except OSError as e:
+            return e
+
+    def check(err):
+        failed = torch.tensor(float(err is not None))
+        dist.all_reduce(failed)  # (all ranks) one rank's failure stops them all
+        if failed:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write checkpoint {final} ({err or 'failed on another rank'}); "
+                                  "the previous checkpoint is intact: free disk space or fix "
+                                  "trainer.default_local_dir, then rerun to resume.")
+
+    def prepare():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    check(attempt(prepare) if rank == 0 else None)
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # (all ranks) sharded
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))  # (all ranks)
+        err = attempt(lambda: torch.save(rng_state(device), tmp / f"rng_rank{rank}.pt"))
+    except CheckpointException as e:  # a write failed somewhere; DCP raises on every rank
+        err = OSError(str(e).splitlines()[0] if str(e) else "write failed")
+    check(err)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # (all ranks)
+
+    def finish():
+        write_hf(full, cfg, args.partial_pretrain, tmp / "huggingface")
+        meta = {**position, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
+                "config": {k: getattr(args, k) for k in RESUME_KEYS}}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")  # marks it complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (out / ".latest.tmp").write_text(f"{step}\n")
+        os.replace(out / ".latest.tmp", out / "latest_checkpointed_iteration.txt")
+        if args.max_ckpt_to_keep and args.max_ckpt_to_keep > 0:
+            for old in complete_checkpoints(out)[:-args.max_ckpt_to_keep]:
+                if old != step:
+                    shutil.rmtree(out / f"global_step_{old}", ignore_errors=True)
+    check(attempt(finish) if rank == 0 else None)
+    return final
+
+
+def find_resume(args):
+    """The checkpoint dir to resume from, or None for a fresh start."""
+    if args.resume_mode == "disable":
+        return None
+    if args.resume_mode == "resume_path":
+        path = Path(args.resume_from_path)
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"trainer.resume_from_path={path} is not a complete checkpoint (no "
+                                  "trainer_state.json); point it at a global_step_N directory.")
+        return path
+    pointer = Path(args.default_local_dir) / "latest_checkpointed_iteration.txt"
+    if not pointer.is_file():
+        return None
+    text = pointer.read_text().strip()
+    path = Path(args.default_local_dir) / f"global_step_{text}"
+    if not text.isdigit() or not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f"{pointer} names {text!r}, which is not a complete checkpoint; fix or delete "
+                              "the file, or set trainer.resume_mode=disable to start fresh.")
+    return path
+
+
+def load_checkpoint(path, model, optimizer, scheduler, args, rank, device):
+    """Restore model, optimizer, scheduler and RNG in place; returns the saved data position."""
+    meta = json.loads((path / "trainer_state.json").read_text())
+    diffs = [f"{k} {meta['config'].get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS
+             if meta["config"].get(k) != getattr(args, k)]
+    if diffs:
+        raise CheckpointError(f"cannot resume from {path}: {'; '.join(diffs)} would change the data order or "
+                              "schedule; restore the original values, or use a new trainer.default_local_dir "
+                              "(or trainer.resume_mode=disable) to start fresh.")
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # (all ranks)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))  # (all ranks) reshards to this layout
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])  # (all ranks)
+    scheduler.load_state_dict(meta["scheduler"])
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved; nothing random is drawn
+        set_rng_state(torch.load(rng_file, weights_only=False), device)
+    return {k: meta[k] for k in ("step", "epoch", "next_batch", "skipped", "consecutive_skips")}
