@@ -8,6 +8,7 @@ Reads top to bottom: command line -> distributed init -> model -> optimizer -> d
 """
 import argparse
 import difflib
+import importlib
 import json
 import math
 import os
@@ -195,6 +196,13 @@ def validate(args, world_size):
                           "builds Qwen2 itself, remove them.")
     if not set(args.logger) <= {"console", "wandb", "tensorboard"}:
         raise ConfigError(f"trainer.logger={args.logger} has an unknown logger; use console, wandb or tensorboard.")
+    for name, module in (("wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard")):
+        if name in args.logger:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise ConfigError(f"trainer.logger includes {name} but it is not installed; "
+                                  f"pip install {name}, or drop it from trainer.logger.") from None
     if args.sp_size > 1 and not args.use_remove_padding:
         raise ConfigError("ulysses_sequence_parallel_size > 1 needs use_remove_padding=true (packed sequences).")
     if args.sp_size < 1 or world_size % args.sp_size:
@@ -249,6 +257,20 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def make_loggers(args, out, resolved):
+    """Functions rec -> None for the loggers asked for besides the console (rank 0 only)."""
+    loggers = []
+    if "wandb" in args.logger:
+        import wandb
+        run = wandb.init(project=args.project_name, name=args.experiment_name, config=resolved)
+        loggers.append(lambda rec: run.log(rec, step=rec["step"]))
+    if "tensorboard" in args.logger:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        loggers.append(lambda rec: [writer.add_scalar(k, v, rec["step"]) for k, v in rec.items() if k != "step"])
+    return loggers
 
 
 def fmt_time(s):
@@ -462,6 +484,7 @@ def run(args):
                world_size=world_size)
     peak = peak_flops(device)
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    loggers = make_loggers(args, out, vars(args)) if rank == 0 else []
     step, skipped, consecutive = position["step"], position["skipped"], position["consecutive_skips"]
     t_start, first_step = time.time(), position["step"]
     for epoch in range(position["epoch"], args.total_epochs):
@@ -509,6 +532,8 @@ def run(args):
             if metrics_file:
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
+            for log_to in loggers:
+                log_to(rec)
             stopping = bool(all_sum(torch.tensor(float(bool(received)))))  # (all ranks) agree to stop together
             if last or stopping or (args.save_freq > 0 and step % args.save_freq == 0):
                 nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)

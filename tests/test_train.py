@@ -66,6 +66,7 @@ def test_bad_command_lines(argv, message):
     (["model.lora_rank=8"], 1, "LoRA is not supported"),
     (["model.use_liger=true"], 1, "use_liger=true is not supported"),
     (["model.trust_remote_code=true"], 1, "trust_remote_code"),
+    (["trainer.logger=[console,mlflow]"], 1, "has an unknown logger"),
     (["data.use_dynamic_bsz=true"], 1, "needs use_remove_padding=true"),
     (["data.use_dynamic_bsz=true", "use_remove_padding=true", "data.max_token_len_per_gpu=512"], 1,
      "data.max_length=1024 exceeds the micro-batch token budget 512"),
@@ -201,3 +202,12 @@ def test_checkpoint_reloads_to_the_trained_weights(two_processes):
     b = data.pack(samples())
     with torch.no_grad():
         assert torch.equal(loaded(b["input_ids"], b["cu_seqlens"]), ref(b["input_ids"], b["cu_seqlens"]))
+
+
+def test_missing_logger_package_is_one_sentence():
+    import importlib.util
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    args = train.parse_args(["data.train_files=x", "model.partial_pretrain=y", "trainer.logger=['console','wandb']"])
+    with pytest.raises(train.ConfigError, match="includes wandb but it is not installed; pip install wandb"):
+        train.validate(args, 1)
