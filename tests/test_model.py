@@ -188,7 +188,7 @@ def test_real_config_builds_on_meta():
     assert 494_000_000 < M.num_params(m) < 495_000_000  # Qwen2.5-0.5B: 494M with tied embeddings
 
 
-def test_chunked_loss_equals_plain_loss_and_grads():
+def test_fused_loss_in_forward_equals_plain_loss_and_grads():
     ids, cu = packed([9, 6, 11])
     labels = torch.where(torch.arange(26) % 3 == 0, -100, torch.roll(ids, -1))
     results = []
