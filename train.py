@@ -493,6 +493,8 @@ def run(args):
             if step >= stop_at:
                 break
             t0 = time.time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)  # the peak reported is this step's
             micro, samples = step_micro_batches(train, lengths, batches[b], args, ctx)
             train_loss, n_tokens = forward_backward(model, micro, args, ctx)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)  # (all ranks)
