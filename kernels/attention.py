@@ -351,14 +351,14 @@ def _cfg(block_m, block_n, warps, stages):
 # Candidates for Hopper (H100/H200: 228 KB shared memory, wgmma wants M >= 64 per warpgroup), keyed by head_dim
 # class (<= 64, 128). BLOCK_M is the query tile, BLOCK_N the key tile. dk/dv hold k, v and two (BLOCK_N, D) fp32
 # accumulators in registers, so its tiles are small or get 8 warps. Every candidate compiles for sm_90 with Triton
-# 3.9 without register spills (cuobjdump: no stack), which ruled out e.g. dk/dv (32, 128) with 4 warps and the
-# D=128 forward (128, 64) with 4 warps. The autotuner drops a config that does not fit (OutOfResources), and on
-# pre-Hopper GPUs the deep pipelines are pruned first.
+# 3.9 without register spills (cuobjdump: at most 8 bytes of stack), which ruled out e.g. dk/dv (32, 128) with 4
+# warps and the D=128 forward (128, 64) with 4 warps. The last entry is the pick for short samples. The autotuner
+# drops a config that does not fit (OutOfResources), and on pre-Hopper GPUs the deep pipelines are pruned first.
 _TUNE = {
     "fwd": {64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
             128: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3)]},
     "dkdv": {64: [_cfg(32, 128, 8, 3), _cfg(32, 128, 8, 4), _cfg(32, 64, 4, 3)],
-             128: [_cfg(32, 64, 8, 2), _cfg(16, 128, 8, 3), _cfg(32, 64, 8, 3)]},
+             128: [_cfg(16, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(32, 64, 8, 2)]},
     "dq": {64: [_cfg(128, 32, 4, 5), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
            128: [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)]},
 }
@@ -417,8 +417,8 @@ def _dkdv_splits(k, group):
     """How many programs share the query heads of one kv head in the dk/dv kernel (a divisor of group).
 
     One program per (key block, kv head) is few programs when Hkv is small (Qwen2.5-0.5B: 2, or 1 per rank under
-    Ulysses): a 16k pack gives ~256 of very unequal causal work for 132 SMs. Splitting the group over programs
-    restores parallelism; each split writes fp32 partial dk/dv that are summed afterwards (deterministic, no atomics).
+    Ulysses): a 16k pack gives ~256 programs of very unequal causal work for 132 SMs. Splitting the group over
+    programs restores parallelism; each split writes fp32 partial dk/dv, summed afterwards (deterministic, no atomics).
     """
     if not k.is_cuda:
         return 1

@@ -205,3 +205,44 @@ def test_fused_loss_in_forward_equals_plain_loss_and_grads():
         torch.testing.assert_close(loss, plain.detach(), rtol=1e-6, atol=1e-6)
         for k, p in m.named_parameters():
             torch.testing.assert_close(grads[k], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def _kernel_attention(q, k, v, cu_seqlens, max_seqlen):
+    from kernels.attention import flash_attn_varlen_func
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+
+
+def _reference_attention(q, k, v, cu_seqlens, max_seqlen):
+    from kernels.attention import attention_reference
+    return attention_reference(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+
+
+def test_model_on_triton_kernel_matches_reference_path():
+    """The Triton kernel inside the model (interpreter on CPU, fp32; the GPU in bf16 below)."""
+    m = tiny(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)  # head_dim 16
+    ids, cu = packed([5, 17, 1, 9])
+    labels = torch.roll(ids, -1)
+    ref = m(ids, cu, labels=labels)
+    ref.backward()
+    ref_grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    for layer in m.model.layers:
+        layer.self_attn.attn_fn = _kernel_attention
+    out = m(ids, cu, labels=labels)
+    out.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_model_logits_on_gpu_kernel_match_reference_bf16():
+    m = tiny(hidden_size=256, num_attention_heads=4, num_key_value_heads=2).cuda().bfloat16()  # head_dim 64
+    ids, cu = packed([300, 17, 1, 700])
+    ids, cu = ids.cuda(), cu.cuda()
+    with torch.no_grad():
+        kernel = m(ids, cu).float()  # CUDA -> Triton kernel
+        for layer in m.model.layers:
+            layer.self_attn.attn_fn = _reference_attention
+        reference = m(ids, cu).float()
+    assert (kernel - reference).abs().max() < 0.05 * reference.abs().max()
