@@ -74,11 +74,16 @@ def _tool_call(call, what, where):
 
 def _messages(raw, where):
     raw = _json(raw, "the messages column", where) if isinstance(raw, str) else raw
-    if not isinstance(raw, list) or not raw:
+    if raw is not None and not isinstance(raw, list):
+        raise DataError(f"{where}: the messages column holds a {type(raw).__name__}, not a list of "
+                        "{role, content} messages; check data.multiturn.messages_key.")
+    if not raw:
         raise DataError(f"{where} has an empty conversation; every row needs at least one message.")
     out = []
     for j, m in enumerate(raw):
-        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: message {j} is a {type(m).__name__}, not a {{role, content}} object.")
+        role = m.get("role")
         if role not in ROLES:
             raise DataError(f"{where}: message {j} has unknown role {role!r}; "
                             "use system, user, assistant or tool.")
@@ -131,7 +136,8 @@ def _iter_rows(files, multiturn=True, messages_key="messages", tools_key="tools"
         try:
             names = pq.read_schema(path).names
         except Exception as e:
-            raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}).") from None
+            raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}); "
+                            "re-export it or drop it from the data files.") from None
         for key, flag, _ in want:
             if key not in names:
                 raise DataError(f"{path} has no column {key!r} (it has {', '.join(names)}); "

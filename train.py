@@ -187,6 +187,12 @@ def validate(args, world_size):
         raise ConfigError("data.train_files is required; pass data.train_files=/path/train.parquet.")
     if not args.partial_pretrain:
         raise ConfigError("model.partial_pretrain is required; pass a Hugging Face model dir.")
+    for key, value in (("data.train_batch_size", args.train_batch_size), ("data.max_length", args.max_length),
+                       ("trainer.total_epochs", args.total_epochs), ("data.max_token_len_per_gpu", args.max_token_len_per_gpu)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1.")
+    if args.lr < 0 or args.clip_grad <= 0 or not 0 <= args.warmup_steps_ratio <= 1:
+        raise ConfigError("optim.lr must be >= 0, optim.clip_grad > 0 and optim.warmup_steps_ratio in [0, 1].")
     if args.lora_rank > 0:
         raise ConfigError("model.lora_rank > 0: LoRA is not supported; remove it for full fine-tuning.")
     if args.use_liger:
@@ -559,6 +565,8 @@ def main(argv=None):
             parallel.ParallelError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         sys.exit(2)
 
 

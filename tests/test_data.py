@@ -123,7 +123,16 @@ BAD = [
     ([chat(), {"messages": []}], r"row 1 of .*d\.parquet has an empty conversation"),
     ([{"messages": [{"role": "user", "content": "a", "tool_calls": [CALL]}]}],
      r"message 0 is a user message with tool_calls"),
+    ([{"messages": 3}], r"row 0 of .*: the messages column holds a int, not a list of \{role, content\} messages"),
+    ([{"messages": [1, 2]}], r"row 0 of .*: message 0 is a int, not a \{role, content\} object"),
+    ([{"messages": [{"role": "user", "content": "a"}], "tools": 5}], r"row 0 of .*: tools is a int, not a list"),
 ]
+
+
+def test_unreadable_parquet(tmp_path):
+    (tmp_path / "junk.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(data.DataError, match=r"junk\.parquet is not a readable parquet file"):
+        data.read_rows(tmp_path / "junk.parquet")
 
 
 @pytest.mark.parametrize("rows,message", BAD)

@@ -71,6 +71,8 @@ def test_bad_command_lines(argv, message):
     (["data.use_dynamic_bsz=true", "use_remove_padding=true", "data.max_token_len_per_gpu=512"], 1,
      "data.max_length=1024 exceeds the micro-batch token budget 512"),
     ([], 1, "data file x does not exist"),
+    (["data.max_length=0"], 1, "data.max_length=0 must be at least 1"),
+    (["optim.warmup_steps_ratio=2"], 1, "warmup_steps_ratio in \\[0, 1\\]"),
 ])
 def test_bad_combinations(extra, world, message):
     # each combination error comes before the file checks, so the paths need not exist
