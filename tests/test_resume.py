@@ -71,8 +71,19 @@ def test_resume_is_exact_mid_epoch_and_across_epoch_boundary(tiny_job, tmp_path)
         torch.testing.assert_close(wa[k].float(), wb[k].float(), rtol=0, atol=2 ** -7 * wa[k].abs().max().item())
     assert sorted(p.name for p in pieces.glob("global_step_*")) == ["global_step_12", "global_step_8"]
     assert (pieces / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
-    # The finished run's checkpoint loads as a plain HF model.
-    M.load_pretrained(pieces / "global_step_12" / "huggingface")
+    # The saved HF model is the trained model: the fp32 master weights of the resume state, rounded
+    # to bf16, give exactly the logits of the huggingface/ directory loaded by model.load_pretrained.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(pieces / "global_step_12" / "dcp", tmp_path / "full.pt")
+    master = torch.load(tmp_path / "full.pt", weights_only=False)["model"]
+    assert all(t.dtype == torch.float32 for t in master.values())
+    trained = M.load_pretrained(tiny_job["model"])
+    M.load_state_dict_into(trained, {k: v.to(torch.bfloat16) for k, v in master.items()})
+    loaded = M.load_pretrained(pieces / "global_step_12" / "huggingface")
+    ids = torch.arange(40) % 900
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, cu), trained(ids, cu))
 
     # A resume whose config changes the data order is refused, naming the difference.
     p = run_train(job_args(tiny_job, pieces, "data.train_batch_size=4"), nproc=1, check=False)
