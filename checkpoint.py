@@ -29,6 +29,13 @@ HF_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt
             "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
 
+def resume_config(args):
+    """The RESUME_KEYS values, data paths made absolute (a relative path names the same file)."""
+    config = {k: getattr(args, k) for k in RESUME_KEYS}
+    config["train_files"] = [os.path.abspath(f) for f in config["train_files"]]
+    return config
+
+
 class CheckpointError(Exception):
     """Saving or resuming failed for a reason the user can fix (disk, paths, changed config)."""
 
@@ -115,7 +122,7 @@ def save_checkpoint(model, optimizer, scheduler, cfg, args, position, rank, devi
     def finish():
         write_hf(full, cfg, args.partial_pretrain, tmp / "huggingface")
         meta = {**position, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
-                "config": {k: getattr(args, k) for k in RESUME_KEYS}}
+                "config": resume_config(args)}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")  # marks it complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -153,8 +160,8 @@ def find_resume(args):
 def load_checkpoint(path, model, optimizer, scheduler, args, rank, device):
     """Restore model, optimizer, scheduler and RNG in place; returns the saved data position."""
     meta = json.loads((path / "trainer_state.json").read_text())
-    diffs = [f"{k} {meta['config'].get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS
-             if meta["config"].get(k) != getattr(args, k)]
+    now = resume_config(args)
+    diffs = [f"{k} {meta['config'].get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if meta["config"].get(k) != now[k]]
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: {'; '.join(diffs)} would change the data order or "
                               "schedule; restore the original values, or use a new trainer.default_local_dir "

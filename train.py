@@ -474,6 +474,11 @@ def run(args):
         position = checkpoint.load_checkpoint(resume, model, optimizer, scheduler, args, rank, device)
         log(f"resumed from {resume}: step {position['step']}, epoch {position['epoch']}, "
             f"batch {position['next_batch']} of {steps_per_epoch}")
+        if position["step"] >= stop_at:
+            log(f"nothing to do: {out} already holds step {position['step']} of {stop_at}; use a new "
+                "trainer.default_local_dir or trainer.resume_mode=disable to train again.")
+            dist.destroy_process_group()
+            return
 
     # --- signals: SIGTERM/SIGINT finish the current step, save, and exit (a second SIGINT kills)
     received = []
