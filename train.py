@@ -350,7 +350,11 @@ def forward_backward(model, micro, args, ctx):
     n_tokens = float(all_sum(torch.tensor(float(n_local), device=device), ctx["dp_group"]))  # (all ranks)
     scale = ctx["world_size"] / max(n_tokens, 1.0)
     ce = torch.zeros((), dtype=torch.float64, device=device)
-    for b in micro:
+    for i, b in enumerate(micro):
+        # Reduce-scatter gradients once per step, after the last micro-batch: the others accumulate
+        # unsharded gradients locally (in FSDP's reduce dtype, fp32) instead of communicating. Costs
+        # one full fp32 gradient per rank (2 GB for 0.5B parameters), saves n_micro - 1 collectives.
+        model.set_requires_gradient_sync(i == len(micro) - 1)
         loss = loss_sum(model, b, args, ctx["sp_rank"], ctx["pad_id"], device)
         (loss * scale).backward()
         ce += loss.detach().double()
