@@ -213,3 +213,34 @@ def test_missing_logger_package_is_one_sentence():
     args = train.parse_args(["data.train_files=x", "model.partial_pretrain=y", "trainer.logger=['console','wandb']"])
     with pytest.raises(train.ConfigError, match="includes wandb but it is not installed; pip install wandb"):
         train.validate(args, 1)
+
+
+def test_real_tokenizer_and_reference_parquet_end_to_end(tmp_path):
+    """train.py on the real ReTool-layout parquet with the real Qwen2.5 tokenizer (a tiny random model
+    with Qwen2.5's vocabulary), 1 process: one step trains, validates and saves."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from conftest import REFERENCE, ROOT
+    qwen = REFERENCE / "qwen2.5-0.5b-instruct"
+    if not qwen.is_dir():
+        pytest.skip("../shared/reference not present")
+    model_dir = tmp_path / "model"
+    cfg = {**json.loads((qwen / "config.json").read_text()), "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+    M.save_pretrained(M.build_random(cfg), model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(qwen / name, model_dir / name)
+    data_file = REFERENCE / "retool_like_sample.parquet"
+    p = subprocess.run([sys.executable, "train.py", f"data.train_files={data_file}", f"data.val_files={data_file}",
+                        "data.train_batch_size=8", "data.micro_batch_size_per_gpu=4", "data.max_length=2048",
+                        "data.multiturn.enable=true", f"model.partial_pretrain={model_dir}", "trainer.total_epochs=1",
+                        "use_remove_padding=true", "trainer.device=cpu", f"trainer.default_local_dir={tmp_path / 'out'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())
+    assert rec["step"] == 1 and 11 < rec["train/loss"] < 13 and 11 < rec["val/loss"] < 13  # ~ln(151936) = 11.9
+    hf = tmp_path / "out" / "global_step_1" / "huggingface"
+    assert (hf / "tokenizer_config.json").read_text() == (qwen / "tokenizer_config.json").read_text()
+    M.load_pretrained(hf)
