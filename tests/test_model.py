@@ -219,9 +219,12 @@ def _reference_attention(q, k, v, cu_seqlens, max_seqlen):
 
 def test_model_on_triton_kernel_matches_reference_path():
     """The Triton kernel inside the model (interpreter on CPU, fp32; the GPU in bf16 below)."""
-    m = tiny(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)  # head_dim 16
-    ids, cu = packed([5, 17, 1, 9])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels need CUDA tensors
+    m = tiny(hidden_size=64, num_attention_heads=4, num_key_value_heads=2).to(device)  # head_dim 16
+    ids, cu = (t.to(device) for t in packed([5, 17, 1, 9]))
     labels = torch.roll(ids, -1)
+    for layer in m.model.layers:  # the reference path on either device
+        layer.self_attn.attn_fn = _reference_attention
     ref = m(ids, cu, labels=labels)
     ref.backward()
     ref_grads = {k: p.grad.clone() for k, p in m.named_parameters()}
