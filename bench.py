@@ -37,7 +37,6 @@ CONFIGS = {
 }
 DEFAULTS = {"qwen2.5-0.5b": dict(seqlens="2048,8192,16384", pack=16384, steps=10, warmup=3),
             "tiny": dict(seqlens="64,128", pack=256, steps=2, warmup=1)}
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12}  # bf16 dense, per GPU
 VARIANTS = ("ours", "ours+recompute", "plain", "hf-sdpa")
 
 
@@ -132,7 +131,7 @@ def bench(args, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     init_state = M.build_random(cfg, seed=0).state_dict()  # fp32 on CPU, copied into every variant
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    peak_flops = M.peak_flops(name) if device.type == "cuda" else None
     variants = [v for v in args.variants.split(",") if v]
     notes, rows = [], []
     if "hf-sdpa" in variants:

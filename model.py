@@ -322,3 +322,11 @@ def flops_per_token(config, mean_seqlen):
     matmul = layers * per_layer + h * config["vocab_size"]
     return 6 * matmul + 6 * layers * heads * d * mean_seqlen
 
+
+# Dense bf16 peak FLOP/s per GPU, for MFU (by a substring of torch.cuda.get_device_name).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device_name):
+    """The GPU's dense bf16 peak, or None when unknown (MFU is then not shown)."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)

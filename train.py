@@ -254,17 +254,6 @@ def lr_lambda(total_steps, warmup_ratio, kind):
     return f
 
 
-# bf16 dense peak per GPU (FLOP/s), for MFU; None -> MFU not shown.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def make_loggers(args, out, resolved):
     """Functions rec -> None for the loggers asked for besides the console (rank 0 only)."""
     loggers = []
@@ -497,7 +486,7 @@ def run(args):
     # --- loop
     ctx = dict(device=device, pad_id=pad_id, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank, dp_group=dp_group,
                world_size=world_size)
-    peak = peak_flops(device)
+    peak = M.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
     loggers = make_loggers(args, out, vars(args)) if rank == 0 else []
     step, skipped, consecutive = position["step"], position["skipped"], position["consecutive_skips"]
