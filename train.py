@@ -292,8 +292,9 @@ def build_model(args, device, world_mesh, sp_group):
     model.model.gradient_checkpointing = args.enable_gradient_checkpointing
     parallel.apply_ulysses(model, sp_group, args.sp_size)
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 compute on GPU only
-    return parallel.apply_fsdp(model, world_mesh, param_dtype=compute_dtype,
-                               cpu_offload=args.cpu_offload or args.offload_params)
+    # Offloading only means something when the compute device is a GPU (on CPU the weights are there).
+    offload = (args.cpu_offload or args.offload_params) and device.type == "cuda"
+    return parallel.apply_fsdp(model, world_mesh, param_dtype=compute_dtype, cpu_offload=offload)
 
 
 def collate(samples, args, pad_id):
