@@ -285,13 +285,15 @@ def loss_sum(model, batch, args, sp_rank, pad_id, device):
     return model(b["input_ids"], b["cu_seqlens"], b["position_ids"], b["max_seqlen"], labels=b["labels"])
 
 
-def build_model(args, device, world_mesh, sp_group):
-    """Full weights on CPU in the master dtype, then Ulysses and FSDP2 (which moves the shards to device)."""
+def build_model(args, device, world_mesh, sp_group, compute_dtype=None):
+    """Full weights on CPU in the master dtype, then Ulysses and FSDP2 (which moves the shards to device).
+    compute_dtype defaults to bf16 on GPU and fp32 on CPU (tests pass bf16 to run the GPU recipe on CPU)."""
     master_dtype = torch.float32 if args.model_dtype in ("fp32", "float32") else torch.bfloat16
     model = M.load_pretrained(args.partial_pretrain, dtype=master_dtype)
     model.model.gradient_checkpointing = args.enable_gradient_checkpointing
     parallel.apply_ulysses(model, sp_group, args.sp_size)
-    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 compute on GPU only
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # Offloading only means something when the compute device is a GPU (on CPU the weights are there).
     offload = (args.cpu_offload or args.offload_params) and device.type == "cuda"
     return parallel.apply_fsdp(model, world_mesh, param_dtype=compute_dtype, cpu_offload=offload)

@@ -119,7 +119,8 @@ def _step_worker(rank, world_size, model_dir, variants, save_dir):
         train.validate(args, world_size)
         world_mesh, dp_sp = parallel.build_meshes("cpu", world_size, args.sp_size)
         dp_rank, dp_size = dp_sp["dp"].get_local_rank(), world_size // args.sp_size
-        model = train.build_model(args, torch.device("cpu"), world_mesh, dp_sp["sp"].get_group())
+        model = train.build_model(args, torch.device("cpu"), world_mesh, dp_sp["sp"].get_group(),
+                                  compute_dtype=torch.bfloat16 if v.get("bf16") else None)
         ctx = dict(device=torch.device("cpu"), pad_id=0, dp_rank=dp_rank, dp_size=dp_size,
                    sp_rank=dp_sp["sp"].get_local_rank(), dp_group=dp_sp["dp"].get_group(), world_size=world_size)
         micro, _ = train.step_micro_batches(samples(), np.array(LENGTHS), np.arange(8), args, ctx)
@@ -158,7 +159,7 @@ def two_processes(model_dir, tmp_path_factory):
     save = tmp_path_factory.mktemp("s2")
     variants = [dict(sp=1, mbs=4, packed=True), dict(sp=2, mbs=4, packed=True), dict(sp=2, mbs=1, packed=True),
                 dict(sp=1, mbs=2, packed=False, save=True), dict(sp=1, mbs=4, packed=True, dynamic=24),
-                dict(sp=2, mbs=4, packed=True, dynamic=10)]
+                dict(sp=2, mbs=4, packed=True, dynamic=10), dict(sp=2, mbs=2, packed=True, bf16=True)]
     return distributed.run(_step_worker, 2, model_dir, variants, save), save
 
 
@@ -244,3 +245,15 @@ def test_real_tokenizer_and_reference_parquet_end_to_end(tmp_path):
     hf = tmp_path / "out" / "global_step_1" / "huggingface"
     assert (hf / "tokenizer_config.json").read_text() == (qwen / "tokenizer_config.json").read_text()
     M.load_pretrained(hf)
+
+
+def test_bf16_compute_recipe_is_close_to_fp32(one_process, two_processes):
+    """The GPU recipe (bf16 compute weights, fp32 master weights and gradient reduction), run on CPU
+    with sp=2: the same step to bf16 accuracy."""
+    bf16, ref = two_processes[0][0][7], one_process[0]
+    assert bf16[1] == ref[1]
+    assert bf16[0] == pytest.approx(ref[0], rel=2e-2)
+    for k in ref[2]:
+        assert bf16[2][k].dtype == torch.float32
+        err = (bf16[2][k] - ref[2][k]).norm() / ref[2][k].norm().clamp(min=1e-12)
+        assert err < 0.05, k
