@@ -13,8 +13,10 @@ else
   _stamp="$_here/.venv/.installed-$(cat "$_here"/requirements*.txt | cksum | cut -d' ' -f1)-$(basename "$_reqs")"
   if [ ! -f "$_stamp" ]; then
     echo "setup: installing $_reqs into .venv (once)" >&2
-    "$_here/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$_here/$_reqs" >&2 \
-      || { echo "setup: pip install -r $_reqs failed" >&2; exit 1; }
+    # (the grep drops pip's notes about find-links folders some machines' pip config names)
+    "$_here/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$_here/$_reqs" 2>&1 \
+      | { grep -v "^WARNING: Location '.*' is ignored" || true; } >&2
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "setup: pip install -r $_reqs failed" >&2; exit 1; }
     touch "$_stamp"
   fi
   PYTHON="$_here/.venv/bin/python"
