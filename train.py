@@ -545,10 +545,10 @@ def run(args):
                 log_to(rec)
             stopping = bool(all_sum(torch.tensor(float(bool(received)))))  # (all ranks) agree to stop together
             if last or stopping or (args.save_freq > 0 and step % args.save_freq == 0):
-                nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                path = checkpoint.save_checkpoint(model, optimizer, scheduler, cfg, args,
-                                       dict(step=step, epoch=nxt[0], next_batch=nxt[1], skipped=skipped,
-                                            consecutive_skips=consecutive), rank, device)
+                nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)  # where a resume starts
+                resume_at = dict(step=step, epoch=nxt[0], next_batch=nxt[1], skipped=skipped,
+                                 consecutive_skips=consecutive)
+                path = checkpoint.save_checkpoint(model, optimizer, scheduler, cfg, args, resume_at, rank, device)
                 log(f"saved {path}")
             if stopping:
                 log(f"stopped by signal after step {step}; rerun the same command to resume from {path}.")
