@@ -352,13 +352,15 @@ def _cfg(block_m, block_n, warps, stages):
 # class (<= 64, 128). BLOCK_M is the query tile, BLOCK_N the key tile. dk/dv hold k, v and two (BLOCK_N, D) fp32
 # accumulators in registers, so its tiles are small or get 8 warps. Every candidate compiles for sm_90 with Triton
 # 3.9 without register spills (cuobjdump: at most 8 bytes of stack), which ruled out e.g. dk/dv (32, 128) with 4
-# warps and the D=128 forward (128, 64) with 4 warps. The last entry is the pick for short samples. The autotuner
+# warps and the D=128 forward (128, 64) with 4 warps. Triton 3.6 (another supported version) makes every causal
+# dk/dv candidate spill except the 2-stage ones, which are in the list for that reason. The last entry is the pick
+# for short samples. The autotuner
 # drops a config that does not fit (OutOfResources), and on pre-Hopper GPUs the deep pipelines are pruned first.
 _TUNE = {
     "fwd": {64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
             128: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3)]},
-    "dkdv": {64: [_cfg(32, 128, 8, 3), _cfg(32, 128, 8, 4), _cfg(32, 64, 4, 3)],
-             128: [_cfg(16, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(32, 64, 8, 2)]},
+    "dkdv": {64: [_cfg(32, 128, 8, 3), _cfg(32, 128, 8, 4), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 3)],
+             128: [_cfg(16, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(16, 128, 8, 2), _cfg(32, 64, 8, 2)]},
     "dq": {64: [_cfg(128, 32, 4, 5), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
            128: [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)]},
 }
