@@ -354,8 +354,8 @@ def _cfg(block_m, block_n, warps, stages):
 # 3.9 without register spills (cuobjdump: at most 8 bytes of stack), which ruled out e.g. dk/dv (32, 128) with 4
 # warps and the D=128 forward (128, 64) with 4 warps. Triton 3.6 (another supported version) makes every causal
 # dk/dv candidate spill except the 2-stage ones, which are in the list for that reason. The last entry is the pick
-# for short samples. The autotuner
-# drops a config that does not fit (OutOfResources), and on pre-Hopper GPUs the deep pipelines are pruned first.
+# for short samples. The autotuner drops a config that does not fit (OutOfResources), and on pre-Hopper GPUs the
+# deep pipelines are pruned first.
 _TUNE = {
     "fwd": {64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
             128: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3)]},
