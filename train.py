@@ -299,6 +299,12 @@ def build_model(args, device, world_mesh, sp_group, compute_dtype=None):
     return parallel.apply_fsdp(model, world_mesh, param_dtype=compute_dtype, cpu_offload=offload)
 
 
+def empty_sample(pad_id):
+    """One pad token that trains nothing: fills a rank's turn when it has no samples left, since
+    FSDP's collectives need every rank to run the same number of forward/backward passes."""
+    return np.array([pad_id], dtype=np.int64), np.zeros(1, dtype=np.uint8)
+
+
 def collate(samples, args, pad_id):
     """One packed varlen stream (use_remove_padding) or the same samples right-padded."""
     return data.pack(samples) if args.use_remove_padding else data.pad(samples, pad_id)
@@ -324,8 +330,7 @@ def step_micro_batches(train, lengths, batch_indices, args, ctx):
     micro = [data.pack([samples[i] for i in g]) for g in groups]
     count = torch.tensor(float(len(micro)), device=ctx["device"])
     dist.all_reduce(count, op=dist.ReduceOp.MAX)  # (all ranks)
-    empty = (np.array([ctx["pad_id"]], dtype=np.int64), np.zeros(1, dtype=np.uint8))
-    return micro + [data.pack([empty])] * (int(count) - len(micro)), samples
+    return micro + [data.pack([empty_sample(ctx["pad_id"])])] * (int(count) - len(micro)), samples
 
 
 def forward_backward(model, micro, args, ctx):
@@ -365,12 +370,11 @@ def evaluate(model, samples, args, ctx):
     mine = samples[ctx["dp_rank"]::ctx["dp_size"]]
     mbs = args.micro_batch_size_per_gpu
     n_micro = math.ceil(math.ceil(len(samples) / ctx["dp_size"]) / mbs)
-    empty = (np.array([ctx["pad_id"]], dtype=np.int64), np.zeros(1, dtype=np.int8))  # trains nothing
     ce, tokens = torch.zeros((), dtype=torch.float64, device=ctx["device"]), 0
     model.eval()
     with torch.no_grad():
         for i in range(n_micro):
-            chunk = mine[i * mbs:(i + 1) * mbs] or [empty]
+            chunk = mine[i * mbs:(i + 1) * mbs] or [empty_sample(ctx["pad_id"])]
             batch = collate(chunk, args, ctx["pad_id"])
             tokens += int((batch["labels"] != -100).sum())
             ce += loss_sum(model, batch, args, ctx["sp_rank"], ctx["pad_id"], ctx["device"]).double()
