@@ -1,10 +1,17 @@
-"""Qwen2 decoder written by hand, on packed (varlen) token streams.
+"""Qwen2 / Qwen3 dense decoder written by hand, on packed (varlen) token streams.
 
-Parameter names equal Hugging Face's `Qwen2ForCausalLM`, so `model.safetensors` loads with
-strict=True and no renaming, and what we save loads in transformers and vLLM as it is.
+One set of modules serves both families; config.json's model_type switches the differences:
+Qwen2 (Qwen2.5) has q/k/v biases and head_dim = hidden / heads; Qwen3 (and Qwen3-2507) adds
+q_norm/k_norm (RMSNorm per head over head_dim, before RoPE), takes q/k/v/o biases from
+`attention_bias` (false in every released size) and head_dim from config (128).
+Parameter names equal Hugging Face's `Qwen2ForCausalLM` / `Qwen3ForCausalLM`, so safetensors load
+with strict=True and no renaming, and what we save loads in transformers and vLLM as it is.
+config.json is read in the dialects transformers 4 and 5 write (rope_theta at top level or inside
+rope_parameters / rope_scaling; RoPE types default, linear and yarn; torch_dtype or dtype).
 This file knows nothing of process groups: parallel.py acts on a built model from outside.
 """
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -47,13 +54,14 @@ class Qwen2RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary_cos_sin(position_ids, head_dim, theta, dtype):
-    """cos/sin tables (T, D) for the rotate-half RoPE convention, computed in fp32 like HF."""
-    exponent = torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponent)  # (D/2,)
-    freqs = position_ids.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+def rotary_cos_sin(position_ids, inv_freq, attention_scaling, dtype):
+    """cos/sin tables (T, D) for the rotate-half RoPE convention, computed in fp32 like HF.
+
+    inv_freq (D/2,) and attention_scaling come from rope_parameters (yarn scales cos/sin; 1.0 else).
+    """
+    freqs = position_ids.float()[:, None] * inv_freq[None, :].float()  # (T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
 
 
 def apply_rotary(x, cos, sin):
@@ -69,11 +77,18 @@ class Qwen2Attention(nn.Module):
         hidden = cfg["hidden_size"]
         self.num_heads = cfg["num_attention_heads"]
         self.num_kv_heads = cfg["num_key_value_heads"]
-        self.head_dim = cfg.get("head_dim") or hidden // self.num_heads
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.head_dim = head_dim_of(cfg)
+        qwen3 = cfg.get("model_type") == "qwen3"
+        # Qwen2 always has q/k/v biases and none on o; Qwen3 puts attention_bias on all four.
+        qkv_bias = bool(cfg.get("attention_bias", False)) if qwen3 else True
+        o_bias = bool(cfg.get("attention_bias", False)) if qwen3 else False
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        if qwen3:  # one (D,) weight per projection, shared by all heads
+            self.q_norm = Qwen2RMSNorm(self.head_dim, cfg["rms_norm_eps"])
+            self.k_norm = Qwen2RMSNorm(self.head_dim, cfg["rms_norm_eps"])
         # Replaced from outside (parallel.apply_ulysses) to wrap attention in all-to-alls.
         self.attn_fn = varlen_attention
 
@@ -82,6 +97,8 @@ class Qwen2Attention(nn.Module):
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # (T, H, D)
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        if hasattr(self, "q_norm"):  # Qwen3: normalise each head of q and k before RoPE (not v)
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = self.attn_fn(q, k, v, cu_seqlens, max_seqlen)  # (T, H, D)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))  # (T, H*D) -> (T, C)
@@ -118,13 +135,16 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
         self.norm = Qwen2RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
-        self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        self.rope_theta = float(cfg.get("rope_theta", 10000.0))
+        # Parsed once from the config. A plain fp32 CPU tensor, not a buffer: model.to(bf16) must
+        # not round it, and meta-device construction must not leave it empty.
+        self.inv_freq, self.attention_scaling = rope_parameters(cfg)
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, cu_seqlens, position_ids, max_seqlen):
         x = self.embed_tokens(input_ids)  # (T, C)
-        cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, x.dtype)
+        if self.inv_freq.device != position_ids.device:  # moved once, on the first forward
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, self.attention_scaling, x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # Recompute the layer in backward: keeps one (T, C) input per layer, not its insides.
@@ -180,6 +200,89 @@ def positions_from_cu_seqlens(cu_seqlens):
     return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
 
 
+# --------------------------------------------------------------------------- config dialects
+
+def head_dim_of(cfg):
+    """Per-head size: config's head_dim, else Qwen3's class default 128, else hidden / heads (Qwen2)."""
+    if cfg.get("head_dim"):
+        return cfg["head_dim"]
+    return 128 if cfg.get("model_type") == "qwen3" else cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def rope_parameters(cfg, where="config.json"):
+    """(inv_freq (D/2,) fp32 on CPU, attention_scaling) for the config's RoPE, as transformers 5 computes them.
+
+    transformers 4 wrote rope_theta at top level and scaling in rope_scaling (key "type"); transformers 5
+    writes both inside rope_parameters (key "rope_type"). As in transformers, a non-empty rope_scaling
+    wins over rope_parameters, and a rope_theta inside the dict over the top-level one.
+    """
+    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    partial = rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0
+    if any(isinstance(v, dict) for v in rope.values()) or partial != 1.0:
+        raise ModelError(f"{where} has per-layer or partial rotary parameters, which Qwen2/Qwen3 do not use; "
+                         "use the config.json that came with the weights.")
+    base = float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+    dim = head_dim_of(cfg)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)  # (D/2,) theta^(2j/D)
+    if rope_type == "default":
+        return 1.0 / pos_freqs, 1.0
+    if rope_type == "linear":
+        if not rope.get("factor"):
+            raise ModelError(f"{where} has RoPE type 'linear' without a factor; add the model's factor.")
+        # Positions divided by factor, folded into the frequencies (the same product).
+        return (1.0 / pos_freqs) / rope["factor"], 1.0
+    if rope_type == "yarn":
+        return yarn_inv_freq(cfg, rope, base, dim, pos_freqs)
+    raise ModelError(f"{where} asks for RoPE type {rope_type!r}; this trainer computes only 'default', "
+                     "'linear' and 'yarn', so use a config.json with one of those.")
+
+
+def yarn_inv_freq(cfg, rope, base, dim, pos_freqs):
+    """YaRN: interpolated (1/factor) low frequencies, original high ones, a linear ramp between, and
+    cos/sin scaled by the attention factor. Every step and rounding mirrors transformers 5."""
+    # A top-level original_max_position_embeddings wins (transformers keeps it for Phi3-style configs).
+    original = (cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                or cfg.get("max_position_embeddings", 32768))
+    factor = rope.get("factor") or cfg.get("max_position_embeddings", 32768) / original
+
+    def mscale(scale, m=1.0):  # the paper's 0.1 ln(s) + 1 temperature; none without stretching
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_scaling = rope.get("attention_factor")
+    if attention_scaling is None:
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention_scaling = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations):  # the dimension whose wavelength fits `rotations` turns in `original`
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.get("beta_fast") or 32), correction_dim(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid 0/0 in the ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)  # (D/2,)
+    extrapolation = 1 - ramp  # 1 = keep the original frequency (fast dims), 0 = interpolate (slow dims)
+    inv_freq = 1.0 / (factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
+    return inv_freq, attention_scaling
+
+
+def check_full_attention(cfg, file):
+    """Stop on a config that turns sliding-window attention on for some layer (transformers' rule)."""
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:  # transformers 5 writes the per-layer result
+        windowed = "sliding_attention" in layer_types
+    else:  # transformers' default: layers from max_window_layers on slide, when use_sliding_window is set
+        windowed = (bool(cfg.get("use_sliding_window")) and cfg.get("sliding_window") is not None
+                    and cfg.get("max_window_layers", 28) < cfg["num_hidden_layers"])
+    if windowed:
+        raise ModelError(f"{file} turns on sliding-window attention for some layers, which the attention kernel "
+                         "does not implement; set use_sliding_window to false (and layer_types to all "
+                         "'full_attention') to train with full attention.")
+
+
 # --------------------------------------------------------------------------- build, load, save
 
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -187,7 +290,7 @@ REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 
 
 def read_config(path):
-    """config.json of a model dir as a dict, checked to be a Qwen2 we can build."""
+    """config.json of a model dir as a dict (as written), checked to be a Qwen2/Qwen3 we can build."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise ModelError(f"{file} not found: model.partial_pretrain must be a Hugging Face model "
@@ -196,17 +299,20 @@ def read_config(path):
         cfg = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ModelError(f"{file} is not valid JSON ({e}); restore the model's config.json.") from None
-    if cfg.get("model_type") != "qwen2":
+    if cfg.get("model_type") not in ("qwen2", "qwen3"):
         raise ModelError(f"{file} has model_type {cfg.get('model_type')!r}; this trainer builds only "
-                         "Qwen2-architecture models (model_type 'qwen2').")
+                         "Qwen2 and dense Qwen3 models (model_type 'qwen2' or 'qwen3').")
     missing = [k for k in REQUIRED_KEYS if k not in cfg]
     if missing:
         raise ModelError(f"{file} lacks {', '.join(missing)}; use the config.json that came with the weights.")
+    check_full_attention(cfg, file)
+    rope_parameters(cfg, where=file)  # an unknown RoPE type stops here, before any weight is read
     return cfg
 
 
 def init_weights(model, seed=0, std=0.02):
-    """HF's Qwen2 init: normal(0, initializer_range) for matrices, zeros for biases, ones for norms."""
+    """HF's Qwen2/3 init: normal(0, initializer_range) for matrices, zeros for biases, ones for norms
+    (q_norm/k_norm included)."""
     gen = torch.Generator().manual_seed(seed)
     std = model.config.get("initializer_range", std)
     with torch.no_grad():
@@ -231,7 +337,11 @@ def read_safetensors(path):
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):  # bad JSON, no weight_map, wrong types
+            raise ModelError(f"{index} is not a valid safetensors index (a JSON object whose weight_map maps "
+                             "tensor names to files); download the checkpoint's index file again.") from None
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -242,21 +352,28 @@ def read_safetensors(path):
         if not (path / name).is_file():
             raise ModelError(f"{path / name} is listed in model.safetensors.index.json but missing; "
                              "download the complete checkpoint.")
-        with safe_open(path / name, framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        try:  # a truncated or corrupt file fails in the header check or when a tensor is read
+            with safe_open(path / name, framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error type (and OSError) for damaged files
+            raise ModelError(f"{path / name} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+                             "the download is damaged or incomplete, fetch the file again.") from None
     return tensors
 
 
 def load_state_dict_into(model, tensors, where="the checkpoint"):
     """Strict load of HF-named tensors into a (possibly meta) model; keeps dtype/device of the model.
 
-    A tied checkpoint has no lm_head.weight; HF also writes one sometimes, which must then equal
-    the embedding and is ignored.
+    A tied checkpoint has no lm_head.weight; some also store one (Qwen3-0.6B and 1.7B), which must
+    then equal the embedding and is dropped.
     """
     tensors = dict(tensors)
-    if model.config.get("tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
+    if model.config.get("tie_word_embeddings", False) and "lm_head.weight" in tensors:
+        head, embed = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+        if embed is None or head.shape != embed.shape or not torch.equal(head.to(embed.dtype), embed):
+            raise ModelError(f"{where} stores an lm_head.weight that differs from model.embed_tokens.weight although "
+                             "config.json has tie_word_embeddings true; set it to false if the head is separate.")
     expected = {k: p for k, p in model.state_dict().items()
                 if not (k == "lm_head.weight" and model.config.get("tie_word_embeddings", False))}
     missing = sorted(set(expected) - set(tensors))
@@ -279,7 +396,7 @@ def load_state_dict_into(model, tensors, where="the checkpoint"):
 
 
 def load_pretrained(path, dtype=torch.float32, device="cpu"):
-    """Qwen2ForCausalLM with the weights of a Hugging Face model dir (config.json + safetensors)."""
+    """Qwen2ForCausalLM (Qwen2 or Qwen3) with the weights of a Hugging Face model dir (config.json + safetensors)."""
     cfg = read_config(path)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(cfg)  # no memory or init work: every tensor is assigned below
@@ -297,7 +414,11 @@ def save_state_dict(state_dict, config, path, dtype=None):
                for k, v in state_dict.items() if not (tied and k == "lm_head.weight")}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = dict(config)
-    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    # The dtype under the key(s) the config was read with: torch_dtype (transformers 4, also read by 5)
+    # or dtype (transformers 5); the rest of the config is written back as it was read.
+    dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+        config[key] = dtype_name
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -317,7 +438,7 @@ def flops_per_token(config, mean_seqlen):
     """
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    d = config.get("head_dim") or h // heads
+    d = head_dim_of(config)
     per_layer = h * heads * d * 2 + h * kv * d * 2 + 3 * h * config["intermediate_size"]
     matmul = layers * per_layer + h * config["vocab_size"]
     return 6 * matmul + 6 * layers * heads * d * mean_seqlen

@@ -199,7 +199,7 @@ def validate(args, world_size):
         raise ConfigError("model.use_liger=true is not supported; the fused LM-head loss is built in, remove it.")
     if args.trust_remote_code or args.external_lib:
         raise ConfigError("model.trust_remote_code / model.external_lib are not supported; this trainer "
-                          "builds Qwen2 itself, remove them.")
+                          "builds Qwen2/Qwen3 itself, remove them.")
     if not set(args.logger) <= {"console", "wandb", "tensorboard"}:
         raise ConfigError(f"trainer.logger={args.logger} has an unknown logger; use console, wandb or tensorboard.")
     for name, module in (("wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard")):

@@ -249,3 +249,113 @@ def test_model_logits_on_gpu_kernel_match_reference_bf16():
             layer.self_attn.attn_fn = _reference_attention
         reference = m(ids, cu).float()
     assert (kernel - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+# --------------------------------------------------------------------------- Qwen3, config dialects, refusals
+
+QWEN3_TINY = dict(TINY, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=128, hidden_size=64,
+                  num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1, attention_bias=False)
+
+
+def test_qwen3_model_on_triton_kernel_matches_reference_path():
+    """A Qwen3-like layer (q_norm/k_norm, head_dim 128 from config) on the Triton kernel (interpreter, fp32)."""
+    m = tiny(**QWEN3_TINY)
+    assert m.model.layers[0].self_attn.q_norm.weight.shape == (128,)
+    ids, cu = packed([5, 9, 1])
+    labels = torch.roll(ids, -1)
+    results = []
+    for attn_fn in (_reference_attention, _kernel_attention):
+        m.zero_grad()
+        for layer in m.model.layers:
+            layer.self_attn.attn_fn = attn_fn
+        loss = m(ids, cu, labels=labels)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+    (ref, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-5)
+
+
+def write_config(path, **over):
+    (path / "config.json").write_text(json.dumps({**TINY, **over}))
+    return path
+
+
+def test_config_dialects_give_the_same_rope(tmp_path):
+    """rope_theta at top level (transformers 4), inside rope_parameters (5) or rope_scaling: one base."""
+    dialects = [dict(rope_theta=1e6, torch_dtype="bfloat16"),
+                dict(rope_theta=None, rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, dtype="bfloat16"),
+                dict(rope_theta=1e6, rope_scaling={"type": "default"})]
+    freqs = [M.Qwen2ForCausalLM(M.read_config(write_config(tmp_path, **over))).model.inv_freq for over in dialects]
+    assert all(torch.equal(f, freqs[0]) for f in freqs)
+    torch.testing.assert_close(freqs[0][1], torch.tensor(1e6 ** (-2 / 8)))  # head_dim 8: theta^(-2j/D), j=1
+
+
+def test_config_refusals(tmp_path):
+    cases = [
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "asks for RoPE type 'dynamic'; this trainer computes "
+         "only 'default', 'linear' and 'yarn'"),
+        (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0}), "RoPE type 'llama3'"),
+        (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1), "turns on sliding-window attention"),
+        (dict(layer_types=["full_attention", "sliding_attention"]), "turns on sliding-window attention"),
+        (dict(model_type="qwen3_moe"), "builds only Qwen2 and dense Qwen3 models"),
+    ]
+    for over, message in cases:
+        with pytest.raises(M.ModelError, match=message):
+            M.read_config(write_config(tmp_path, **over))
+    # transformers' rule: layers from max_window_layers on slide, so none of 2 layers here; and a
+    # window without use_sliding_window is off.
+    M.read_config(write_config(tmp_path, use_sliding_window=True, sliding_window=16, max_window_layers=2))
+    M.read_config(write_config(tmp_path, use_sliding_window=False, sliding_window=16, max_window_layers=0))
+    M.read_config(write_config(tmp_path, layer_types=["full_attention"] * 2, use_sliding_window=True))
+
+
+def test_damaged_weight_files(tmp_path):
+    m = tiny()
+    M.save_pretrained(m, tmp_path)
+    file = tmp_path / "model.safetensors"
+    data = file.read_bytes()
+    for damaged in (data[: len(data) - 100], data[:5], b"\xff" * 64 + data[64:]):  # truncated, header cut, corrupt
+        file.write_bytes(damaged)
+        with pytest.raises(M.ModelError, match=f"{file} is not a readable safetensors file .*fetch the file again"):
+            M.load_pretrained(tmp_path)
+    file.rename(tmp_path / "model-00001-of-00001.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    for bad in ("{not json", json.dumps({"metadata": {}}), json.dumps({"weight_map": ["x"]})):
+        index.write_text(bad)
+        with pytest.raises(M.ModelError, match=f"{index} is not a valid safetensors index"):
+            M.load_pretrained(tmp_path)
+
+
+def test_qwen3_sizes_flops_and_sp():
+    """Official Qwen3 configs: flops use head_dim 128 (4B: q_proj 2560 -> 4096, not 2560), and
+    Ulysses takes Qwen3-4B's 32/8 heads at sp=4 as in verl's ReTool recipe."""
+    import parallel
+    file = REFERENCE / "qwen3" / "configs" / "Qwen3-4B.config.json"
+    if not file.is_file():
+        pytest.skip("../shared/reference not present")
+    cfg = json.loads(file.read_text())
+    with torch.device("meta"):
+        m = M.Qwen2ForCausalLM(cfg)
+    assert m.model.layers[0].self_attn.q_proj.weight.shape == (4096, 2560)
+    matmul = sum(p.numel() for n, p in m.named_parameters() if p.ndim == 2 and "embed" not in n) + 151936 * 2560
+    assert M.flops_per_token(cfg, 0) == 6 * matmul  # the LM head counts even though tied
+    assert M.flops_per_token(cfg, 100) - M.flops_per_token(cfg, 0) == 6 * 36 * 32 * 128 * 100
+    assert 4_020_000_000 < M.num_params(m) < 4_030_000_000  # Qwen3-4B: 4.02B with tied embeddings
+    parallel.check_sp_size(4, 8, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    with pytest.raises(parallel.ParallelError, match="use one of"):
+        parallel.check_sp_size(3, 6, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qwen3_logits_on_gpu_kernel_match_reference_bf16():
+    m = tiny(**{**QWEN3_TINY, "num_hidden_layers": 2}).cuda().bfloat16()  # head_dim 128, q_norm/k_norm
+    ids, cu = packed([300, 17, 1, 700])
+    ids, cu = ids.cuda(), cu.cuda()
+    with torch.no_grad():
+        kernel = m(ids, cu).float()  # CUDA -> Triton kernel
+        for layer in m.model.layers:
+            layer.self_attn.attn_fn = _reference_attention
+        reference = m(ids, cu).float()
+    assert (kernel - reference).abs().max() < 0.05 * reference.abs().max()
