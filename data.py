@@ -170,7 +170,8 @@ def _iter_rows(files, multiturn=True, messages_key="messages", tools_key="tools"
             where = f"row {i} of {path}"
             if multiturn:
                 tools = _tools(cols[tools_key][i], where) if has_tools else None
-                think = _enable_thinking(cols[enable_thinking_key][i], enable_thinking_key, where) if has_think else True
+                think = cols[enable_thinking_key][i] if has_think else None
+                think = _enable_thinking(think, enable_thinking_key, where)
                 yield where, _messages(cols[messages_key][i], where), tools, think
                 continue
             turns = []

@@ -421,7 +421,8 @@ def run(args):
     # The render is decided before any heavy work; the resolved family is what run.json and a resume see.
     found = args.chat_template == "auto"
     args.chat_template = templates.detect(args.partial_pretrain, args.chat_template)
-    log(f"chat template: {args.chat_template}" + (" (recognised in the model dir)" if found else " (data.chat_template)"))
+    log(f"chat template: {args.chat_template} "
+        + ("(recognised in the model dir)" if found else "(data.chat_template)"))
     parallel.check_sp_size(args.sp_size, world_size, cfg["num_attention_heads"], cfg["num_key_value_heads"])
     world_mesh, dp_sp = parallel.build_meshes(device.type, world_size, args.sp_size)
     dp_size, sp_size = world_size // args.sp_size, args.sp_size
