@@ -24,6 +24,7 @@ import model as M
 # any of them different is refused (world size, micro-batch size and sp size may change freely).
 RESUME_KEYS = ("train_files", "train_batch_size", "max_length", "truncation", "seed", "total_epochs",
                "multiturn", "messages_key", "tools_key", "prompt_key", "response_key",
+               "chat_template", "enable_thinking_key",
                "lr", "lr_scheduler", "warmup_steps_ratio")
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
             "special_tokens_map.json", "added_tokens.json", "generation_config.json")

@@ -1,10 +1,10 @@
-"""Data: parquet rows -> Qwen2.5 chat text -> token ids + target mask -> packed micro-batches.
+"""Data: parquet rows -> chat text -> token ids + target mask -> packed micro-batches.
 
-The chat template is written out by hand (no jinja at runtime) so the trained character spans
-come from the same code that writes the text; tests compare it byte for byte with the official
-template rendered through jinja2 the way transformers renders it.
+The chat templates are written out by hand in templates.py (no jinja at runtime), so the trained
+character spans come from the same code that writes the text; tests compare it byte for byte with
+the official templates rendered through jinja2 the way transformers renders them.
 
-    python data.py inspect FILE.parquet --tokenizer MODEL_DIR [--rows 0:4] [--jsonl OUT]
+    python data.py inspect FILE.parquet --tokenizer MODEL_DIR [--chat_template auto] [--rows 0:4] [--jsonl OUT]
 """
 import argparse
 import hashlib
@@ -19,12 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from tokenizers import Tokenizer
 
-DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-TOOLS_HEAD = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-              "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
-TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-              "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-              '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+import templates
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -37,7 +33,12 @@ def load_tokenizer(model_dir):
     path = path if path.is_file() else path / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"{path} does not exist; model.partial_pretrain must be a HF model directory.")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception on a damaged file
+        reason = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+        raise DataError(f"{path} does not parse as a tokenizer ({reason}); restore it from the model's "
+                        "original files.") from None
 
 
 # --------------------------------------------------------------------------- reading rows
@@ -67,9 +68,11 @@ def _tool_call(call, what, where):
     fn = call["function"] if isinstance(call, dict) and isinstance(call.get("function"), dict) else call
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise DataError(f"{where}: {what} has no string name; a tool call needs {{name, arguments}}.")
-    # JSON-string arguments are decoded: the template applies tojson to them, which would
-    # otherwise encode the string a second time ("{\"code\": ...}").
-    return {"name": fn["name"], "arguments": _json(fn.get("arguments"), f"{what} arguments", where)}
+    # JSON-string arguments are checked here but kept as given: Qwen3's template writes them
+    # verbatim, while the Qwen2.5 renderer decodes them before its tojson.
+    args = fn.get("arguments")
+    decoded = _json(args, f"{what} arguments", where)
+    return {"name": fn["name"], "arguments": args if isinstance(args, str) else decoded}
 
 
 def _messages(raw, where):
@@ -101,6 +104,13 @@ def _messages(raw, where):
         if loss is not None and not isinstance(loss, bool):
             raise DataError(f"{where}: message {j} has loss={loss!r}; loss must be true, false or absent.")
         out.append({"role": role, "content": content, "loss": loss})
+        # transformers takes the reasoning from the first of these keys that is not None.
+        key = next((k for k in templates.REASONING_KEYS if m.get(k) is not None), None)
+        if key is not None:
+            if not isinstance(m[key], str):
+                raise DataError(f"{where}: message {j} has a {key} of type {type(m[key]).__name__}; "
+                                "reasoning must be a string.")
+            out[-1]["reasoning_content"] = m[key]
         if calls:
             out[-1]["tool_calls"] = [_tool_call(c, f"message {j} tool call {k}", where)
                                      for k, c in enumerate(calls)]
@@ -126,9 +136,17 @@ def _parquet_files(files):
     return out
 
 
+def _enable_thinking(value, key, where):
+    # A missing column or a null means thinking is on, as the template's own default.
+    if value is None or isinstance(value, bool):
+        return value is not False
+    raise DataError(f"{where}: column {key!r} holds {value!r}; it must be true, false or null "
+                    "(check data.multiturn.enable_thinking_key).")
+
+
 def _iter_rows(files, multiturn=True, messages_key="messages", tools_key="tools", prompt_key="question",
-               response_key="answer", prompt_dict_keys=None, response_dict_keys=None):
-    """Yield (where, messages, tools) for every row of every file, in order."""
+               response_key="answer", prompt_dict_keys=None, response_dict_keys=None, enable_thinking_key=None):
+    """Yield (where, messages, tools, enable_thinking) for every row of every file, in order."""
     want = ([(messages_key, "data.multiturn.messages_key", None)] if multiturn else
             [(prompt_key, "data.prompt_dict_keys", prompt_dict_keys),
              (response_key, "data.response_dict_keys", response_dict_keys)])
@@ -143,14 +161,18 @@ def _iter_rows(files, multiturn=True, messages_key="messages", tools_key="tools"
                 raise DataError(f"{path} has no column {key!r} (it has {', '.join(names)}); "
                                 f"set {flag.replace('_dict_keys', '_key')} to the right column.")
         has_tools = multiturn and tools_key in names  # tools are optional
-        columns = dict.fromkeys([k for k, _, _ in want] + [tools_key] * has_tools)  # one column may serve twice
+        has_think = multiturn and enable_thinking_key in names  # so is the enable_thinking column
+        columns = dict.fromkeys([k for k, _, _ in want] + [tools_key] * has_tools
+                                + [enable_thinking_key] * has_think)  # one column may serve twice
         table = pq.read_table(path, columns=list(columns))
         cols = {k: table.column(k).to_pylist() for k in table.column_names}
         for i in range(table.num_rows):
             where = f"row {i} of {path}"
             if multiturn:
                 tools = _tools(cols[tools_key][i], where) if has_tools else None
-                yield where, _messages(cols[messages_key][i], where), tools
+                think = cols[enable_thinking_key][i] if has_think else None
+                think = _enable_thinking(think, enable_thinking_key, where)
+                yield where, _messages(cols[messages_key][i], where), tools, think
                 continue
             turns = []
             for role, (key, flag, dict_keys) in zip(("user", "assistant"), want):
@@ -160,60 +182,17 @@ def _iter_rows(files, multiturn=True, messages_key="messages", tools_key="tools"
                         raise DataError(f"{where}: column {key!r} has no field {k!r}; check {flag}.")
                     value = value[k]
                 turns.append({"role": role, "content": value})
-            yield where, _messages(turns, where), None
+            yield where, _messages(turns, where), None, True
 
 
 def read_rows(files, *, multiturn=True, messages_key="messages", tools_key="tools", prompt_key="question",
               response_key="answer", prompt_dict_keys=None, response_dict_keys=None):
     rows = _iter_rows(files, multiturn, messages_key, tools_key, prompt_key, response_key,
                       prompt_dict_keys, response_dict_keys)
-    return [(messages, tools) for _, messages, tools in rows]
+    return [(messages, tools) for _, messages, tools, _ in rows]
 
 
-# --------------------------------------------------------------------------- chat template
-
-def render(messages, tools=None):
-    """The official Qwen2.5 template (add_generation_prompt=False) and the trained char spans."""
-    parts, spans, pos = [], [], 0
-
-    def add(s, trained=False):
-        nonlocal pos
-        if trained and s:
-            spans.append((pos, pos + len(s)))
-        parts.append(s)
-        pos += len(s)
-
-    first = messages[0]
-    system = first["content"] if first["role"] == "system" else DEFAULT_SYSTEM
-    if tools:
-        system += TOOLS_HEAD + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools) + TOOLS_TAIL
-    add("<|im_start|>system\n")
-    add(system + "<|im_end|>\n", first["role"] == "system" and first.get("loss") is True)
-    for i, m in enumerate(messages):
-        role, body = m["role"], m["content"]
-        trained = m.get("loss") if m.get("loss") is not None else role == "assistant"
-        if i == 0 and role == "system":
-            continue  # already the header above
-        if role == "tool":
-            # Consecutive tool results share one user turn, one <tool_response> block each.
-            if i == 0 or messages[i - 1]["role"] != "tool":
-                add("<|im_start|>user")
-            add("\n")
-            add("<tool_response>\n" + body + "\n</tool_response>", trained)
-            if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
-                add("<|im_end|>\n", trained)
-            continue
-        if m.get("tool_calls"):
-            calls = "".join('\n<tool_call>\n{"name": "' + c["name"] + '", "arguments": '
-                            + json.dumps(c["arguments"], ensure_ascii=False) + "}\n</tool_call>"
-                            for c in m["tool_calls"])
-            # The template writes "\n" + content only for non-empty content; either way the text
-            # after the role starts with "\n", which is the header's newline below.
-            body = ((("\n" + body) if body else "") + calls)[1:]
-        add(f"<|im_start|>{role}\n")
-        add(body + "<|im_end|>\n", trained)
-    return "".join(parts), spans
-
+# --------------------------------------------------------------------------- tokens and mask
 
 def encode(tokenizer, text, spans):
     """Tokenize once; a token is trained when any character it covers is in a trained span."""
@@ -229,8 +208,8 @@ def encode(tokenizer, text, spans):
     return ids, (before[end] - before[start] > 0).astype(np.uint8)
 
 
-def _sample(tokenizer, messages, tools, max_length, truncation, where):
-    ids, mask = encode(tokenizer, *render(messages, tools))
+def _sample(tokenizer, family, messages, tools, enable_thinking, max_length, truncation, where):
+    ids, mask = encode(tokenizer, *templates.render(family, messages, tools, enable_thinking=enable_thinking))
     if max_length is not None and len(ids) > max_length:
         if truncation == "error":
             raise DataError(f"{where} has {len(ids)} tokens, more than data.max_length={max_length}; "
@@ -259,52 +238,63 @@ def _load_cache(path, key, log):
             ids, mask, lengths = z["ids"], z["mask"], z["lengths"]
             if str(z["key"]) != key or _sha256(arrays=(ids, mask, lengths)) != str(z["digest"]):
                 raise ValueError("stored hash does not match")
-            dropped = int(z["dropped"])
+            counts = (int(z["dropped"]), int(z["unrendered"]))
     except FileNotFoundError:
-        return None, 0
+        return None, (0, 0)
     except Exception as e:
         log(f"warning: data cache {path} is corrupt or stale ({e}); rebuilding it.")
-        return None, 0
+        return None, (0, 0)
     cuts = np.cumsum(lengths)[:-1]
-    return list(zip(np.split(ids.astype(np.int64), cuts), np.split(mask, cuts))), dropped
+    return list(zip(np.split(ids.astype(np.int64), cuts), np.split(mask, cuts))), counts
 
 
-def _save_cache(path, key, samples, dropped):
+def _save_cache(path, key, samples, counts):
     ids = np.concatenate([s[0] for s in samples]).astype(np.int32)  # vocab < 2**31: half the file
     mask = np.concatenate([s[1] for s in samples])
     lengths = np.array([len(s[0]) for s in samples], dtype=np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Every rank may build at once: each writes a private temp file, then renames it atomically.
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, ids=ids, mask=mask, lengths=lengths, key=np.array(key), dropped=dropped,
+    np.savez(tmp, ids=ids, mask=mask, lengths=lengths, key=np.array(key), dropped=counts[0], unrendered=counts[1],
              digest=np.array(_sha256(arrays=(ids, mask, lengths))))
     os.replace(tmp, path)
 
 
-def build_samples(files, tokenizer, max_length, truncation="error", *, cache_dir=None, tokenizer_path=None,
+def build_samples(files, tokenizer, max_length, truncation="error", *, chat_template="qwen2.5",
+                  enable_thinking_key="enable_thinking", cache_dir=None, tokenizer_path=None,
                   multiturn=True, messages_key="messages", tools_key="tools", prompt_key="question",
                   response_key="answer", prompt_dict_keys=None, response_dict_keys=None, log=print):
-    """Every row of files as (ids int64[L], mask uint8[L]); rows with nothing to train are dropped."""
+    """Every row of files as (ids int64[L], mask uint8[L]); rows with nothing to train are dropped.
+
+    chat_template is a resolved family (templates.detect), not auto; a row's enable_thinking column
+    (enable_thinking_key) decides whether Qwen3's empty think block on its last turn is trained.
+    """
     if truncation not in ("error", "left", "right"):
         raise DataError(f"data.truncation={truncation!r} is not one of error, left, right.")
+    if chat_template not in templates.FAMILIES:
+        raise DataError(f"chat template {chat_template!r} is not one of {', '.join(templates.FAMILIES)}.")
     keys = dict(multiturn=multiturn, messages_key=messages_key, tools_key=tools_key,
-                prompt_key=prompt_key, response_key=response_key,
-                prompt_dict_keys=prompt_dict_keys, response_dict_keys=response_dict_keys)
+                prompt_key=prompt_key, response_key=response_key, prompt_dict_keys=prompt_dict_keys,
+                response_dict_keys=response_dict_keys, enable_thinking_key=enable_thinking_key)
     paths = _parquet_files(files)
     names = ", ".join(str(p) for p in paths)
-    samples, dropped, cache = None, 0, None
+    samples, (dropped, unrendered), cache = None, (0, 0), None
     if cache_dir is not None:
         tok = (_sha256(tokenizer_path) if tokenizer_path
                else hashlib.sha256(tokenizer.to_str().encode()).hexdigest())
-        # data.py's own source is part of the key: a change to rendering must not reuse old ids.
+        # data.py's and templates.py's own sources are part of the key: a change to rendering must
+        # not reuse old ids.
         key = hashlib.sha256(json.dumps([[_sha256(p) for p in paths], tok, max_length, truncation, keys,
-                                         _sha256(__file__)]).encode()).hexdigest()
+                                         chat_template, _sha256(__file__), _sha256(templates.__file__)]
+                                        ).encode()).hexdigest()
         cache = Path(cache_dir) / f"samples-{key[:20]}.npz"
-        samples, dropped = _load_cache(cache, key, log)
+        samples, (dropped, unrendered) = _load_cache(cache, key, log)
     if samples is None:
         samples = []
-        for where, messages, tools in _iter_rows(paths, **keys):
-            ids, mask = _sample(tokenizer, messages, tools, max_length, truncation, where)
+        for where, messages, tools, thinking in _iter_rows(paths, **keys):
+            # Qwen2.5 and 2507 Instruct templates write no reasoning: count the rows that lose some.
+            unrendered += chat_template != "qwen3" and any(m.get("reasoning_content") for m in messages)
+            ids, mask = _sample(tokenizer, chat_template, messages, tools, thinking, max_length, truncation, where)
             if mask.any():
                 samples.append((ids, mask))
             else:
@@ -313,9 +303,12 @@ def build_samples(files, tokenizer, max_length, truncation="error", *, cache_dir
             raise DataError(f"no row of {names} has a trained token; "
                             "check its assistant turns and loss fields.")
         if cache is not None:
-            _save_cache(cache, key, samples, dropped)
+            _save_cache(cache, key, samples, (dropped, unrendered))
     if dropped:
         log(f"warning: {dropped} rows of {names} have no trained tokens and were dropped.")
+    if unrendered:
+        log(f"warning: {unrendered} rows of {names} carry reasoning (reasoning_content, thinking or reasoning) "
+            f"that the {chat_template} template does not render; that text is not trained.")
     return samples
 
 
@@ -411,8 +404,11 @@ def pad(samples, pad_id):
 
 def inspect(args):
     tokenizer = load_tokenizer(args.tokenizer)
+    model_dir = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else Path(args.tokenizer).parent
+    family = templates.detect(model_dir, args.chat_template)
     rows = list(_iter_rows(args.file, args.multiturn, args.messages_key, args.tools_key, args.prompt_key,
-                           args.response_key, args.prompt_dict_keys, args.response_dict_keys))
+                           args.response_key, args.prompt_dict_keys, args.response_dict_keys,
+                           args.enable_thinking_key))
     a, colon, b = args.rows.partition(":")
     if not (a or "0").isdigit() or not (b or "0").isdigit():
         raise DataError(f"--rows {args.rows!r} is not a row A or a range A:B of non-negative integers.")
@@ -422,8 +418,8 @@ def inspect(args):
     out = open(args.jsonl, "w") if args.jsonl else None
     total = trained = 0
     for r in range(lo, hi):
-        where, messages, tools = rows[r]
-        ids, mask = _sample(tokenizer, messages, tools, args.max_length, args.truncation, where)
+        where, messages, tools, thinking = rows[r]
+        ids, mask = _sample(tokenizer, family, messages, tools, thinking, args.max_length, args.truncation, where)
         total, trained = total + len(ids), trained + int(mask.sum())
         cuts = np.flatnonzero(np.diff(mask)) + 1  # print runs of equal mask; trained runs marked
         runs = [(tokenizer.decode(i.tolist(), skip_special_tokens=False), m[0])
@@ -434,7 +430,7 @@ def inspect(args):
             out.write(json.dumps({"row": r, "input_ids": ids.tolist(), "loss_mask": mask.tolist()}) + "\n")
     if out:
         out.close()
-    print(f"=== rows {lo}:{hi} of {len(rows)}: {total} tokens, {trained} trained")
+    print(f"=== rows {lo}:{hi} of {len(rows)}: {total} tokens, {trained} trained ({family} template)")
 
 
 def main(argv=None):
@@ -450,6 +446,10 @@ def main(argv=None):
                    help="messages column (default) or, with --no-multiturn, single-turn prompt/response")
     q.add_argument("--messages_key", default="messages", help="as data.multiturn.messages_key")
     q.add_argument("--tools_key", default="tools", help="as data.multiturn.tools_key")
+    q.add_argument("--chat_template", default="auto", choices=("auto",) + templates.FAMILIES,
+                   help="as data.chat_template (default: the template the --tokenizer dir ships)")
+    q.add_argument("--enable_thinking_key", default="enable_thinking",
+                   help="as data.multiturn.enable_thinking_key")
     q.add_argument("--prompt_key", default="question", help="as data.prompt_key")
     q.add_argument("--response_key", default="answer", help="as data.response_key")
     q.add_argument("--prompt_dict_keys", nargs="*", default=None, help="as data.prompt_dict_keys")
@@ -459,7 +459,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         inspect(args)
-    except DataError as e:
+    except (DataError, templates.TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

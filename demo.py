@@ -22,6 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 import data
 import model
+import templates
 
 # --- sizes
 # A real Qwen2 (GQA, q/k/v bias, tied embeddings, rope_theta 1e6) shrunk to train in seconds on two
@@ -210,7 +211,7 @@ def corpus(path):
     them off before BPE) so no merge is spent on them."""
     cut = re.compile("|".join(re.escape(s) for s in SPECIAL + ADDED))
     for messages, tools in data.read_rows(path):
-        yield from (piece for piece in cut.split(data.render(messages, tools)[0]) if piece)
+        yield from (piece for piece in cut.split(templates.render("qwen2.5", messages, tools)[0]) if piece)
 
 
 def train_tokenizer(path):

@@ -22,6 +22,7 @@ if [ ! -f "$MODEL_PATH/config.json" ] || [ ! -e "$TRAIN_DATA" ]; then
   [ -f demo/model/config.json ] || "$PYTHON" demo.py demo
   MODEL_PATH=$PWD/demo/model; TRAIN_DATA=$PWD/demo/data/train.parquet; EVAL_DATA=$PWD/demo/data/val.parquet
   extra+=(optim.lr=2e-3)  # a random-init model learns nothing visible at the fine-tuning lr of 1e-5
+  extra+=(data.chat_template=qwen2.5)  # the demo model ships no chat template; its rows use Qwen2.5's
 fi
 
 if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" = 0 ]; then

@@ -27,6 +27,7 @@ import checkpoint
 import data
 import model as M
 import parallel
+import templates
 
 
 class ConfigError(Exception):
@@ -88,7 +89,9 @@ def build_parser():
     a("--data.multiturn.messages_key", dest="messages_key", default="messages")
     a("--data.multiturn.tools_key", dest="tools_key", default="tools")
     a("--data.multiturn.enable_thinking_key", dest="enable_thinking_key", default="enable_thinking",
-      help="accepted; Qwen2.5's template has no thinking switch")
+      help="per-row bool column (missing/null = true); false: Qwen3's empty think block on the last turn is not trained")
+    a("--data.chat_template", dest="chat_template", default="auto", choices=("auto",) + templates.FAMILIES,
+      help="auto: the official template the model dir ships, recognised by its exact text")
     a("--data.prompt_key", dest="prompt_key", default="question", help="single-turn prompt column")
     a("--data.response_key", dest="response_key", default="answer", help="single-turn response column")
     a("--data.prompt_dict_keys", dest="prompt_dict_keys", type=optional(str_list), default=None)
@@ -415,6 +418,11 @@ def run(args):
 
     # --- meshes: FSDP over all ranks; Ulysses groups of sp_size consecutive ranks
     cfg = M.read_config(args.partial_pretrain)
+    # The render is decided before any heavy work; the resolved family is what run.json and a resume see.
+    found = args.chat_template == "auto"
+    args.chat_template = templates.detect(args.partial_pretrain, args.chat_template)
+    log(f"chat template: {args.chat_template} "
+        + ("(recognised in the model dir)" if found else "(data.chat_template)"))
     parallel.check_sp_size(args.sp_size, world_size, cfg["num_attention_heads"], cfg["num_key_value_heads"])
     world_mesh, dp_sp = parallel.build_meshes(device.type, world_size, args.sp_size)
     dp_size, sp_size = world_size // args.sp_size, args.sp_size
@@ -437,7 +445,8 @@ def run(args):
     pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
     keys = dict(multiturn=args.multiturn, messages_key=args.messages_key, tools_key=args.tools_key,
                 prompt_key=args.prompt_key, response_key=args.response_key,
-                prompt_dict_keys=args.prompt_dict_keys, response_dict_keys=args.response_dict_keys)
+                prompt_dict_keys=args.prompt_dict_keys, response_dict_keys=args.response_dict_keys,
+                chat_template=args.chat_template, enable_thinking_key=args.enable_thinking_key)
 
     def load(files):
         result = None
@@ -567,7 +576,7 @@ def main(argv=None):
     try:
         run(parse_args(argv))
     except (ConfigError, TrainingError, checkpoint.CheckpointError, data.DataError, M.ModelError,
-            parallel.ParallelError) as e:
+            parallel.ParallelError, templates.TemplateError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         if dist.is_initialized():

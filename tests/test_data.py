@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import templates
 from conftest import REFERENCE, ROOT
 
 MODEL = REFERENCE / "qwen2.5-0.5b-instruct"
@@ -41,7 +42,7 @@ def tokenizer():
 
 
 def trained_text(tokenizer, messages, tools=None):
-    ids, mask = data.encode(tokenizer, *data.render(messages, tools))
+    ids, mask = data.encode(tokenizer, *templates.render("qwen2.5", messages, tools))
     return tokenizer.decode(ids[mask == 1].tolist(), skip_special_tokens=False)
 
 
@@ -76,7 +77,7 @@ def test_json_string_nulls_are_kept(tmp_path):
     rows = [{"messages": messages, "tools": tools}]
     [(messages, tools)] = data.read_rows(write(tmp_path, rows))
     assert tools == [{"name": "f", "parameters": {"default": None}}]
-    text, _ = data.render(messages, tools)
+    text, _ = templates.render("qwen2.5", messages, tools)
     assert '{"name": "f", "arguments": {"x": null}}' in text and '"default": null' in text
 
 
@@ -147,6 +148,13 @@ def test_missing_files_and_tokenizer(tmp_path):
         data.read_rows(tmp_path / "nope.parquet")
     with pytest.raises(data.DataError, match=r"tokenizer\.json does not exist; model\.partial_pretrain"):
         data.load_tokenizer(tmp_path)
+    for damaged in ('{"version": "1.0", "model": ', "not json at all"):  # truncated, garbage
+        (tmp_path / "tokenizer.json").write_text(damaged)
+        with pytest.raises(data.DataError) as e:
+            data.load_tokenizer(tmp_path)
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / 'tokenizer.json'} does not parse as a tokenizer (")
+        assert msg.endswith("); restore it from the model's original files.") and "\n" not in msg
 
 
 def test_directory_and_list_of_files(tmp_path):

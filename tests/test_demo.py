@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 import data
 import demo
 import model
+import templates
 from conftest import REFERENCE, ROOT
 
 
@@ -85,7 +86,7 @@ def test_tokenizer(built, tok):
 
     lengths = []
     for i, (messages, tools) in enumerate(data.read_rows(built["val"])):
-        text = data.render(messages, tools)[0]
+        text = templates.render("qwen2.5", messages, tools)[0]
         enc = tok.encode(text, add_special_tokens=False)
         lengths.append(len(enc.ids))
         assert tok.decode(enc.ids, skip_special_tokens=False) == text

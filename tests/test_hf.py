@@ -46,7 +46,8 @@ def test_trainer_checkpoint_loads_in_transformers(tmp_path):
     subprocess.run([sys.executable, "train.py", f"data.train_files={paths['train']}", "data.train_batch_size=8",
                     "data.micro_batch_size_per_gpu=4", "data.multiturn.enable=true", "trainer.device=cpu",
                     f"model.partial_pretrain={paths['model']}", "trainer.total_epochs=1", "use_remove_padding=true",
-                    f"trainer.default_local_dir={out}", "optim.lr=1e-3"], cwd=ROOT, check=True, capture_output=True)
+                    f"trainer.default_local_dir={out}", "optim.lr=1e-3",
+                    "data.chat_template=qwen2.5"], cwd=ROOT, check=True, capture_output=True)
     hf_dir = out / "global_step_2" / "huggingface"
     assert json.loads((hf_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")

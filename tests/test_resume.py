@@ -31,6 +31,7 @@ def job_args(paths, out, *extra):
     return [f"data.train_files={paths['train']}", f"data.val_files={paths['val']}", "data.train_batch_size=8",
             "data.micro_batch_size_per_gpu=2", "data.multiturn.enable=true", f"model.partial_pretrain={paths['model']}",
             "trainer.total_epochs=2", "trainer.device=cpu", "use_remove_padding=true", "optim.lr=2e-3",
+            "data.chat_template=qwen2.5",  # the demo model ships no chat template
             f"trainer.default_local_dir={out}", *extra]
 
 

@@ -1,20 +1,33 @@
-"""data.render/encode against the official Qwen2.5 chat template and tokenizer.
+"""templates.render + data.encode against the official Qwen chat templates and tokenizers.
 
-The reference renderer below is the official chat_template.jinja run through jinja2 exactly as
-transformers runs it; the reference mask is found by scanning token ids, independent of
-data.py's character spans.
+The reference renderer below is each official chat_template.jinja run through jinja2 the way
+transformers 5.24's apply_chat_template runs it (its environment, globals and message preparation);
+it is checked against transformers' own output in the reference cases. Qwen2.5's reference mask is
+found by scanning token ids, Qwen3's comes from the reference cases: both independent of the
+character spans templates.py writes.
 """
+import hashlib
 import json
+import shutil
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import data
-from conftest import REFERENCE
+import model as M
+import templates
+from conftest import REFERENCE, ROOT
 
 MODEL = REFERENCE / "qwen2.5-0.5b-instruct"
+QWEN3, INSTRUCT = REFERENCE / "qwen3", REFERENCE / "qwen3-instruct-2507"
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="shared/reference is not present")
+TEMPLATE = {"qwen2.5": MODEL, "qwen3": QWEN3, "qwen3-instruct-2507": INSTRUCT}
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +36,12 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def official():
-    """transformers' apply_chat_template(tokenize=False, add_generation_prompt=False)."""
+def qwen3_tokenizer():
+    return data.load_tokenizer(QWEN3)
+
+
+def jinja_template(path):
+    """apply_chat_template(tokenize=False, ...) of transformers 5.24 for the template at path."""
     jinja2 = pytest.importorskip("jinja2")
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -33,10 +50,30 @@ def official():
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
-    template = env.from_string((MODEL / "chat_template.jinja").read_text())
-    return lambda messages, tools: template.render(messages=messages, tools=tools, add_generation_prompt=False)
+    env.globals.update(raise_exception=raise_exception, namespace=jinja2.utils.Namespace,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    template = env.from_string((Path(path) / "chat_template.jinja").read_text(encoding="utf-8"))
+
+    def render(messages, tools=None, add_generation_prompt=False, **kwargs):
+        chat = []
+        for m in messages:
+            m = {k: v for k, v in m.items() if v is not None}  # transformers drops None-valued keys
+            # ... and passes the first of reasoning_content / thinking / reasoning as reasoning_content.
+            r = next((m[k] for k in templates.REASONING_KEYS if m.get(k) is not None), None)
+            chat.append(m if r is None else {"thinking": r, **m, "reasoning_content": r})
+        return template.render(messages=chat, tools=tools, documents=None,
+                               add_generation_prompt=add_generation_prompt, **kwargs)
+    return render
+
+
+@pytest.fixture(scope="module")
+def official():
+    return jinja_template(MODEL)
 
 
 def scan_mask(ids, tokenizer):
@@ -64,7 +101,7 @@ def cases():
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c["name"])
 def test_reference_cases(case, tokenizer, official):
     messages, tools = data._messages(case["messages"], "case"), data._tools(case["tools"], "case")
-    text, spans = data.render(messages, tools)
+    text, spans = templates.render("qwen2.5", messages, tools)
     assert text == case["rendered"]
     assert official(case["messages"], case["tools"]) == case["rendered"]  # the reference renderer is right too
     ids, mask = data.encode(tokenizer, text, spans)
@@ -73,7 +110,7 @@ def test_reference_cases(case, tokenizer, official):
     assert tokenizer.decode(ids[mask == 1].tolist(), skip_special_tokens=False) == case["trained_text"]
 
 
-def official_input(row):
+def official_input(row, decode_arguments=True):
     """A raw parquet row made acceptable to the official template, without data.py's helpers."""
     tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
     messages = []
@@ -81,7 +118,7 @@ def official_input(row):
         m = dict(m)
         calls = [dict(c, function=dict(c["function"])) for c in m.get("tool_calls") or []]
         for c in calls:
-            if isinstance(c["function"]["arguments"], str):
+            if decode_arguments and isinstance(c["function"]["arguments"], str):
                 c["function"]["arguments"] = json.loads(c["function"]["arguments"])
         m["tool_calls"] = calls or m.get("tool_calls")
         messages.append(m)
@@ -96,7 +133,7 @@ def test_every_parquet_row_matches_official(name, tokenizer, official):
     assert len(rows) == len(raw)
     texts, expected_texts = [], []
     for (messages, tools), row in zip(rows, raw):
-        text, spans = data.render(messages, tools)
+        text, spans = templates.render("qwen2.5", messages, tools)
         expected = official(*official_input(row))
         assert text == expected
         texts.append((text, spans))
@@ -107,3 +144,307 @@ def test_every_parquet_row_matches_official(name, tokenizer, official):
         assert ids.tolist() == enc.ids
         assert mask.tolist() == scan_mask(ids, tokenizer).tolist()
         assert mask.any()
+
+
+# --------------------------------------------------------------------------- Qwen3
+
+def qwen3_cases():
+    path = QWEN3 / "chat_template_cases.json"
+    return json.loads(path.read_text())["cases"] if path.is_file() else []
+
+
+def normalised(messages):
+    """messages as data.py reads them, when it accepts them (it refuses non-string content)."""
+    if any(not isinstance(m.get("content"), (str, type(None))) for m in messages):
+        return None
+    return data._messages(messages, "case")
+
+
+@pytest.mark.parametrize("case", qwen3_cases(), ids=lambda c: c["id"])
+def test_qwen3_reference_cases(case, qwen3_tokenizer):
+    kwargs = case["kwargs"]
+    assert jinja_template(QWEN3)(case["messages"], case["tools"], **kwargs) == case["text"]  # the reference is right
+    opts = dict(enable_thinking=kwargs.get("enable_thinking", True), add_generation_prompt=kwargs["add_generation_prompt"])
+    text, spans = templates.render("qwen3", case["messages"], case["tools"], **opts)  # OpenAI-style input
+    assert text == case["text"]
+    messages = normalised(case["messages"])
+    if messages is not None:
+        assert templates.render("qwen3", messages, data._tools(case["tools"], "case"), **opts) == (text, spans)
+    ids, mask = data.encode(qwen3_tokenizer, text, spans)
+    assert ids.tolist() == case["input_ids"]
+    # Our rule trains a token when ANY character it covers is trained; the cases' masks need ALL of
+    # them. The two differ exactly on the tokens that straddle a span start (one, in case i1).
+    expected = np.array(case["loss_mask_content_through_im_end_and_newline"])
+    straddling = [t["token_index"] for t in case["straddling_tokens"]]
+    assert np.flatnonzero(mask != expected).tolist() == straddling
+    assert all(mask[t] == 1 for t in straddling)
+    assert (case["id"] == "i1_content_leading_newline") == bool(straddling)
+
+
+def empty_last_block_cases():
+    return [c for c in qwen3_cases() if not c["kwargs"]["add_generation_prompt"]
+            and c["messages"][-1]["role"] == "assistant" and c["assistant_turns"][-1]["think_block"] == "empty"]
+
+
+@pytest.mark.parametrize("case", empty_last_block_cases(), ids=lambda c: c["id"])
+def test_qwen3_enable_thinking_false_leaves_the_empty_block_untrained(case, qwen3_tokenizer):
+    text, spans = templates.render("qwen3", case["messages"], case["tools"], enable_thinking=False)
+    assert text == case["text"] == jinja_template(QWEN3)(case["messages"], case["tools"], enable_thinking=False)
+    ids, mask = data.encode(qwen3_tokenizer, text, spans)
+    _, on = data.encode(qwen3_tokenizer, *templates.render("qwen3", case["messages"], case["tools"]))
+    # Exactly the four tokens of <think>\n\n</think>\n\n that open the last turn become untrained.
+    first = case["assistant_turns"][-1]["token_index_range_through_newline"][0]
+    block = [qwen3_tokenizer.token_to_id(t) for t in ("<think>", "ĊĊ", "</think>", "ĊĊ")]
+    assert ids[first:first + 4].tolist() == block
+    assert np.flatnonzero(on != mask).tolist() == [first, first + 1, first + 2, first + 3]
+    assert on[first:first + 4].tolist() == [1, 1, 1, 1] and mask[first + 4] == 1
+
+
+@pytest.mark.parametrize("name", ["glaive_toolcall_300.parquet", "retool_like_sample.parquet"])
+def test_qwen3_every_parquet_row_matches_official(name, qwen3_tokenizer):
+    # Real rows, JSON-string arguments included: Qwen3 writes those verbatim.
+    official3 = jinja_template(QWEN3)
+    raw = pq.read_table(REFERENCE / name).to_pylist()
+    for (messages, tools), row in zip(data.read_rows(REFERENCE / name), raw):
+        text, spans = templates.render("qwen3", messages, tools)
+        assert text == official3(*official_input(row, decode_arguments=False))
+    assert data.encode(qwen3_tokenizer, text, spans)[1].any()
+
+
+# --------------------------------------------------------------------------- Qwen3-2507 Instruct
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "Local time.",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}
+
+
+def call(name, arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+QWEN3_EDGES = {
+    # content "\n" with a think block: the block's content is lstripped, yet the newline before the
+    # first <tool_call> is decided on the content before that lstrip.
+    "newline_content_calls": [{"role": "user", "content": "go"},
+                              {"role": "assistant", "content": "\n", "reasoning_content": "plan",
+                               "tool_calls": [{"name": "f", "arguments": '{"a": "é"}'}, {"name": "g", "arguments": {}}]},
+                              {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "\n\ndone"}],
+    "newline_only_reasoning_last": [{"role": "user", "content": "q"},
+                                    {"role": "assistant", "content": "a", "reasoning": "\n\n"}],
+    "think_tags_history_and_loss": [{"role": "system", "content": "S", "loss": True},
+                                    {"role": "user", "content": "q1", "loss": True},
+                                    {"role": "assistant", "content": "<think>old</think>a1"},
+                                    {"role": "user", "content": "<tool_response>x</tool_response>"},
+                                    {"role": "assistant", "content": "x</think>\n\na2", "loss": False},
+                                    {"role": "tool", "content": "t", "loss": True},
+                                    {"role": "assistant", "content": "<think>\n\nnew\n</think>a3"}],
+}
+
+
+@pytest.mark.parametrize("name", list(QWEN3_EDGES))
+@pytest.mark.parametrize("tools", [None, [WEATHER]])
+def test_qwen3_edge_cases_match_official(name, tools, qwen3_tokenizer):
+    messages = QWEN3_EDGES[name]
+    text, spans = templates.render("qwen3", data._messages(messages, "x"), tools)
+    assert text == jinja_template(QWEN3)(messages, tools)
+    # Each loss override trains exactly its own turn's text, as for Qwen2.5.
+    trained = "".join(text[a:b] for a, b in spans)
+    if name == "think_tags_history_and_loss":
+        assert trained.startswith("S" if tools is None else "S\n\n# Tools")
+        assert "q1<|im_end|>\n" in trained and "a1<|im_end|>\n" in trained and "a2" not in trained
+        assert "<tool_response>\nt\n</tool_response><|im_end|>\n" in trained
+        assert trained.endswith("<think>\nnew\n</think>\n\na3<|im_end|>\n")
+    assert data.encode(qwen3_tokenizer, text, spans)[1].any()
+
+
+INSTRUCT_CASES = {
+    "plain": ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+               {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], None),
+    "system": ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hi."}], None),
+    "parallel_calls_and_responses": (
+        [{"role": "user", "content": "Weather in Paris and time in Tokyo?"},
+         {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"}),
+                                                             call("get_time", {"tz": "Asia/Tokyo"})]},
+         {"role": "tool", "content": "18°C"}, {"role": "tool", "content": "09:00"},
+         {"role": "assistant", "content": "18°C in Paris; 09:00 in Tokyo."}], [WEATHER, TIME]),
+    "system_tools_text_and_calls": (
+        [{"role": "system", "content": "You are a weather bot."}, {"role": "user", "content": "Paris?"},
+         {"role": "assistant", "content": "Checking.", "tool_calls": [call("get_weather", '{"city":"Paris"}')]},
+         {"role": "tool", "content": "rain"},
+         {"role": "assistant", "content": None, "tool_calls": [call("get_weather", {"city": "Lyon"})]},
+         {"role": "tool", "content": "sun"}, {"role": "assistant", "content": "Rain in Paris, sun in Lyon."}],
+        [WEATHER]),
+    "unicode_and_mid_system": (
+        [{"role": "user", "content": "São Paulo — 天気は？ 🌧"}, {"role": "assistant", "content": "雨です。"},
+         {"role": "system", "content": "Answer in English now."}, {"role": "user", "content": "Again?"},
+         {"role": "assistant", "content": "Rain, \"heavy\"."}], [WEATHER]),
+    "reasoning_dropped": (
+        [{"role": "user", "content": "2+3?"},
+         {"role": "assistant", "content": "5", "reasoning_content": "2 plus 3 is 5."},
+         {"role": "user", "content": "and 4+4?"},
+         {"role": "assistant", "content": "8", "thinking": "4 plus 4."}], None),
+    "think_in_content_kept": (
+        [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>\nEasy.\n</think>\n\n2"}], None),
+}
+
+
+@pytest.mark.parametrize("name", list(INSTRUCT_CASES))
+def test_instruct_2507_matches_official(name, qwen3_tokenizer):
+    messages, tools = INSTRUCT_CASES[name]
+    expected = jinja_template(INSTRUCT)(messages, tools)
+    for given in (messages, data._messages(messages, "case")):  # OpenAI-style and as data.py reads it
+        text, spans = templates.render("qwen3-instruct-2507", given, tools)
+        assert text == expected
+    ids, mask = data.encode(qwen3_tokenizer, text, spans)
+    assert ids.tolist() == qwen3_tokenizer.encode(expected, add_special_tokens=False).ids
+    assert mask.tolist() == scan_mask(ids, qwen3_tokenizer).tolist()
+    assert "2 plus 3" not in text and "4 plus 4" not in text  # this template writes no reasoning
+
+
+# --------------------------------------------------------------------------- generation prompt
+
+PROMPTS = {
+    "user_last": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": "r"},
+                  {"role": "user", "content": "And now?"}],
+    "tool_last": [{"role": "system", "content": "S"}, {"role": "user", "content": "Paris?"},
+                  {"role": "assistant", "content": "", "reasoning_content": "Look it up.",
+                   "tool_calls": [call("get_weather", {"city": "Paris"})]},
+                  {"role": "tool", "content": "rain"}],
+}
+
+
+@pytest.mark.parametrize("family", templates.FAMILIES)
+@pytest.mark.parametrize("name", list(PROMPTS))
+@pytest.mark.parametrize("thinking", [True, False])
+def test_generation_prompt_matches_official(family, name, thinking):
+    messages = PROMPTS[name]
+    kwargs = {} if thinking else {"enable_thinking": False}
+    expected = jinja_template(TEMPLATE[family])(messages, [WEATHER], add_generation_prompt=True, **kwargs)
+    text, spans = templates.render(family, data._messages(messages, "x"), [WEATHER], enable_thinking=thinking,
+                                   add_generation_prompt=True)
+    assert text == expected
+    assert text.endswith("<|im_start|>assistant\n" + ("" if thinking or family != "qwen3" else "<think>\n\n</think>\n\n"))
+    assert all(b <= text.rindex("<|im_start|>assistant\n") for _, b in spans)  # the prompt is never trained
+
+
+# --------------------------------------------------------------------------- recognition
+
+def model_dir(tmp_path, name, jinja=None, config=None):
+    d = tmp_path / name
+    d.mkdir()
+    if jinja is not None:
+        (d / "chat_template.jinja").write_text(jinja, encoding="utf-8")
+    if config is not None:
+        (d / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return d
+
+
+def official_text(family):
+    return (TEMPLATE[family] / "chat_template.jinja").read_text(encoding="utf-8")
+
+
+def test_official_templates_are_recognised(tmp_path):
+    for family in templates.FAMILIES:
+        config = json.loads((TEMPLATE[family] / "tokenizer_config.json").read_text())
+        assert config["chat_template"] == official_text(family)  # one text in both places: one digest
+        assert hashlib.sha256(official_text(family).encode()).hexdigest() in templates.OFFICIAL
+        assert templates.detect(model_dir(tmp_path, f"{family}-config", config=config)) == family
+        assert templates.detect(model_dir(tmp_path, f"{family}-jinja", jinja=official_text(family))) == family
+        named = {"chat_template": [{"name": "tool_use", "template": "x"},
+                                   {"name": "default", "template": official_text(family)}]}
+        assert templates.detect(model_dir(tmp_path, f"{family}-named", config=named)) == family
+    # transformers prefers chat_template.jinja to the tokenizer_config.json entry.
+    both = model_dir(tmp_path, "both", jinja=official_text("qwen3"), config={"chat_template": official_text("qwen2.5")})
+    assert templates.detect(both) == "qwen3"
+
+
+def test_unknown_or_missing_template_is_refused(tmp_path):
+    edited = model_dir(tmp_path, "edited", jinja=official_text("qwen3") + "\n")  # not the exact text
+    missing = model_dir(tmp_path, "missing", config={"eos_token": "<|im_end|>"})
+    for d, what in ((edited, "has a chat template that is not an official one"), (missing, "has no chat template")):
+        with pytest.raises(templates.TemplateError) as e:
+            templates.detect(d)
+        msg = str(e.value)
+        assert msg.startswith(f"{d} {what}; ") and msg.endswith(".") and ". " not in msg  # one sentence
+        assert "qwen2.5, qwen3, qwen3-instruct-2507" in msg
+        assert "data.chat_template=qwen2.5|qwen3|qwen3-instruct-2507" in msg
+        assert templates.detect(d, "qwen3-instruct-2507") == "qwen3-instruct-2507"  # the flag forces one
+    with pytest.raises(templates.TemplateError, match=r"data\.chat_template='qwen4' is not one of auto, "):
+        templates.detect(missing, "qwen4")
+    (missing / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(templates.TemplateError, match=r"tokenizer_config\.json is not a JSON object; restore"):
+        templates.detect(missing)
+
+
+def test_train_refuses_a_model_without_template_in_one_line(tmp_path):
+    cfg = {**json.loads((MODEL / "config.json").read_text()), "hidden_size": 16, "intermediate_size": 32,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+    M.save_pretrained(M.build_random(cfg), tmp_path / "m")
+    shutil.copyfile(MODEL / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
+    args = [f"data.train_files={REFERENCE / 'retool_like_sample.parquet'}", f"model.partial_pretrain={tmp_path / 'm'}",
+            "data.train_batch_size=8", "data.micro_batch_size_per_gpu=4", "trainer.device=cpu",
+            f"trainer.default_local_dir={tmp_path / 'out'}"]
+    p = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [f"error: {tmp_path / 'm'} has no chat template; we render the qwen2.5, "
+                                             "qwen3, qwen3-instruct-2507 templates by hand, so pass "
+                                             "data.chat_template=qwen2.5|qwen3|qwen3-instruct-2507 to choose the "
+                                             "one this model was trained with."]
+
+
+# --------------------------------------------------------------------------- per-row enable_thinking
+
+def test_enable_thinking_column(tmp_path, qwen3_tokenizer):
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": chat, "enable_thinking": v} for v in (True, False, None)]), path)
+    pq.write_table(pa.Table.from_pylist([{"messages": chat}]), tmp_path / "no_column.parquet")
+    on = data.encode(qwen3_tokenizer, *templates.render("qwen3", data._messages(chat, "x")))
+    off = data.encode(qwen3_tokenizer, *templates.render("qwen3", data._messages(chat, "x"), enable_thinking=False))
+    assert on[1].sum() == off[1].sum() + 4  # the four tokens of the empty think block
+    samples = data.build_samples([path, tmp_path / "no_column.parquet"], qwen3_tokenizer, 100, chat_template="qwen3")
+    for (ids, mask), (want_ids, want_mask) in zip(samples, [on, off, on, on]):  # true, false, null, missing
+        assert ids.tolist() == want_ids.tolist() and mask.tolist() == want_mask.tolist()
+    # Another key name reads another column; a key no file has means true for every row.
+    pq.write_table(pa.Table.from_pylist([{"messages": chat, "think": False}]), tmp_path / "k.parquet")
+    [(_, mask)] = data.build_samples(tmp_path / "k.parquet", qwen3_tokenizer, 100, chat_template="qwen3",
+                                     enable_thinking_key="think")
+    assert mask.tolist() == off[1].tolist()
+    [(_, mask)] = data.build_samples(tmp_path / "k.parquet", qwen3_tokenizer, 100, chat_template="qwen3")
+    assert mask.tolist() == on[1].tolist()
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": chat, "enable_thinking": "no"}]), bad)
+    with pytest.raises(data.DataError, match=r"^row 0 of .*bad\.parquet: column 'enable_thinking' holds 'no'; it "
+                                             r"must be true, false or null \(check data\.multiturn\.enable_thinking_key\)\.$"):
+        data.build_samples(bad, qwen3_tokenizer, 100, chat_template="qwen3")
+
+
+def test_reasoning_fields_and_the_unrendered_warning(tmp_path, qwen3_tokenizer):
+    rows = [{"messages": [{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "a", "reasoning_content": None, "thinking": "t"}]},
+            {"messages": [{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "a", "reasoning_content": "", "thinking": "t"}]},
+            {"messages": [{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "a", "reasoning_content": "r", "thinking": None}]}]
+    path = tmp_path / "r.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    # As transformers: the first of reasoning_content / thinking / reasoning that is not None.
+    assert [m[1].get("reasoning_content") for m, _ in data.read_rows(path)] == ["t", "", "r"]
+    for family, warned in (("qwen2.5", 2), ("qwen3-instruct-2507", 2), ("qwen3", 0)):
+        lines = []
+        data.build_samples(path, qwen3_tokenizer, 100, chat_template=family, cache_dir=tmp_path / family,
+                           log=lines.append)
+        data.build_samples(path, qwen3_tokenizer, 100, chat_template=family, cache_dir=tmp_path / family,
+                           log=lines.append)  # from the cache: the same warning
+        expected = [f"warning: 2 rows of {path} carry reasoning (reasoning_content, thinking or reasoning) that "
+                    f"the {family} template does not render; that text is not trained."] * 2
+        assert lines == (expected if warned else [])
+    # The family and the enable_thinking key are part of the cache key.
+    data.build_samples(path, qwen3_tokenizer, 100, chat_template="qwen3", cache_dir=tmp_path / "qwen2.5")
+    data.build_samples(path, qwen3_tokenizer, 100, chat_template="qwen3", cache_dir=tmp_path / "qwen2.5",
+                       enable_thinking_key="think")
+    assert len(list((tmp_path / "qwen2.5").glob("*.npz"))) == 3
+    with pytest.raises(data.DataError, match=r"message 1 has a reasoning_content of type int; reasoning must be"):
+        data._messages([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": 1}], "x")
