@@ -353,7 +353,6 @@ class LoraLinear(nn.Linear):
         device = base.weight.device
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
-        self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank  # PEFT's scaling (not rsLoRA's alpha / sqrt(r))
 
     def forward(self, x):
@@ -390,7 +389,6 @@ def apply_lora(model, rank, alpha, targets, seed=0, dtype=torch.float32):
                     lora.lora_A.weight.copy_(a)
                     lora.lora_B.weight.zero_()  # B = 0: the model starts exactly as the base
             setattr(parent, name, lora)
-    model.lora = dict(rank=rank, alpha=alpha, targets=lora_target_names(targets))
     return model
 
 
