@@ -4,6 +4,7 @@ activation recompute) beside the same model with full logits and beside Hugging 
     python bench.py                                   # Qwen2.5-0.5B shapes; 2k, 8k, 16k samples; 16k tokens a step
     python bench.py --seqlens 2048 --steps 20 --out bench.md
     python bench.py --config tiny                     # CPU smoke run, seconds (tests/test_bench.py)
+    python bench.py --memory                          # full vs LoRA training-state bytes per rank (CPU, meta device)
 
 Every step trains on one packed stream of equal-length multi-turn-like samples (random ids, about half the tokens
 trained), e.g. 8 x 2k or 1 x 16k. Precision is the trainer's (FSDP2 MixedPrecisionPolicy): bf16 weights for
@@ -34,6 +35,14 @@ CONFIGS = {
     "tiny": dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
                  tie_word_embeddings=True, max_position_embeddings=4096, initializer_range=0.02),
+}
+# Shapes for the memory table only (--memory), from the models' config.json.
+MEMORY_CONFIGS = {
+    "qwen2.5-0.5b": CONFIGS["qwen2.5-0.5b"],
+    "qwen2.5-1.5b": dict(CONFIGS["qwen2.5-0.5b"], hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2),
+    "qwen2.5-7b": dict(CONFIGS["qwen2.5-0.5b"], vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
 }
 DEFAULTS = {"qwen2.5-0.5b": dict(seqlens="2048,8192,16384", pack=16384, steps=10, warmup=3),
             "tiny": dict(seqlens="64,128", pack=256, steps=2, warmup=1)}
@@ -170,6 +179,43 @@ def bench(args, device):
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- memory: full vs LoRA
+
+def training_state_bytes(cfg, lora_rank, master_dtype, world_size, targets=("all-linear",)):
+    """Persistent training state per rank under FSDP2 (every tensor sharded over world_size ranks), counted
+    on a meta-device model (no memory, no init): parameters in the master dtype, a gradient and AdamW's two
+    moments for each trained parameter in its own dtype (LoRA adapters are fp32, the frozen base has none).
+    no_sync is the unsharded fp32 gradient each rank accumulates between micro-batches (the trainer syncs
+    once per step). Activations, identical up to the small (T, r) adapter inputs, are not counted."""
+    with torch.device("meta"):
+        m = M.Qwen2ForCausalLM(cfg).to(master_dtype)
+        if lora_rank:
+            M.apply_lora(m, lora_rank, 16, list(targets))
+    params = list(m.parameters())  # a tied LM head once
+    trained = [p for p in params if p.requires_grad]
+    size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    return dict(total=sum(p.numel() for p in params), trained=sum(p.numel() for p in trained),
+                params=size(params) / world_size, grads=size(trained) / world_size,
+                adam=2 * size(trained) / world_size, no_sync=4 * sum(p.numel() for p in trained))
+
+
+def memory_table(configs, ranks, world_size):
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    head = ["model", "master dtype", "training", "trained params", "params GiB", "grads GiB", "AdamW GiB",
+            "total GiB / rank", "+ no-sync grad GiB"]
+    lines = [f"per rank at world size {world_size} (FSDP2, everything sharded); torch {torch.__version__}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in configs:
+        for dtype in (torch.float32, torch.bfloat16):
+            for r in [0] + ranks:
+                b = training_state_bytes(MEMORY_CONFIGS[name], r, dtype, world_size)
+                row = [name, str(dtype).removeprefix("torch."), f"LoRA r={r}" if r else "full",
+                       f"{b['trained'] / 1e6:,.1f}M of {b['total'] / 1e9:.2f}B", gib(b["params"]), gib(b["grads"]),
+                       gib(b["adam"]), gib(b["params"] + b["grads"] + b["adam"]), gib(b["no_sync"])]
+                lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Training-step throughput of ours vs plain vs Hugging Face.")
     p.add_argument("--config", default="qwen2.5-0.5b", choices=list(CONFIGS), help="model shapes (tiny: CPU smoke)")
@@ -180,7 +226,13 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    p.add_argument("--memory", action="store_true", help="print the full vs LoRA training-state table and exit")
+    p.add_argument("--lora_ranks", default="16,64", help="LoRA ranks for --memory (all-linear targets)")
+    p.add_argument("--world_size", type=int, default=2, help="ranks the state is sharded over, for --memory")
     args = p.parse_args(argv)
+    if args.memory:
+        print(memory_table(list(MEMORY_CONFIGS), [int(r) for r in args.lora_ranks.split(",")], args.world_size))
+        return
     for k, v in DEFAULTS[args.config].items():
         key = "pack_tokens" if k == "pack" else k
         if getattr(args, key) is None:

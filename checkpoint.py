@@ -1,8 +1,10 @@
 """Checkpoints that lose nothing: a Hugging Face directory plus the exact resume state.
 
-global_step_N/huggingface/ loads in transformers and vLLM as it is; beside it the sharded model and
-optimizer (torch.distributed.checkpoint), scheduler, RNG per rank and data position. Written under a
-temporary name and renamed when every rank has finished.
+global_step_N/huggingface/ loads in transformers and vLLM as it is (with LoRA: the merged model, and
+lora_adapter/ beside it in PEFT's layout); beside it the sharded model and optimizer
+(torch.distributed.checkpoint; with LoRA only the adapters, the frozen base is the pretrained one),
+scheduler, RNG per rank and data position. Written under a temporary name and renamed when every rank
+has finished.
 """
 import json
 import os
@@ -26,6 +28,9 @@ RESUME_KEYS = ("train_files", "train_batch_size", "max_length", "truncation", "s
                "multiturn", "messages_key", "tools_key", "prompt_key", "response_key",
                "chat_template", "enable_thinking_key",
                "lr", "lr_scheduler", "warmup_steps_ratio")
+# The adapter's shape and scale: a resume that changes them is refused (the saved adapter and its
+# optimizer state would not fit, or would mean something else).
+LORA_KEYS = ("lora_rank", "lora_alpha", "target_modules")
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
             "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
@@ -34,7 +39,20 @@ def resume_config(args):
     """The RESUME_KEYS values, data paths made absolute (a relative path names the same file)."""
     config = {k: getattr(args, k) for k in RESUME_KEYS}
     config["train_files"] = [os.path.abspath(f) for f in config["train_files"]]
+    lora = args.lora_rank > 0  # without LoRA, alpha and targets mean nothing and may change freely
+    config.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha if lora else None,
+                  target_modules=M.lora_target_names(args.target_modules) if lora else None)
     return config
+
+
+def resume_state(model, optimizer, args):
+    """{"model", "optim"} sharded state dicts (all ranks). With LoRA only what trains (the adapters
+    and their AdamW state): the frozen base is model.partial_pretrain, reloaded at start, so it is
+    neither written nor read back."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # (all ranks)
+    if args.lora_rank > 0:
+        model_sd = {k: v for k, v in model_sd.items() if M.is_lora_key(k)}
+    return {"model": model_sd, "optim": optim_sd}
 
 
 class CheckpointError(Exception):
@@ -111,9 +129,9 @@ def save_checkpoint(model, optimizer, scheduler, cfg, args, position, rank, devi
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     check(attempt(prepare) if rank == 0 else None)
-    model_sd, optim_sd = get_state_dict(model, optimizer)  # (all ranks) sharded
+    state = resume_state(model, optimizer, args)  # (all ranks) sharded
     try:
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))  # (all ranks)
+        dcp.save(state, checkpoint_id=str(tmp / "dcp"))  # (all ranks)
         err = attempt(lambda: torch.save(rng_state(device), tmp / f"rng_rank{rank}.pt"))
     except CheckpointException as e:  # a write failed somewhere; DCP raises on every rank
         err = OSError(str(e).splitlines()[0] if str(e) else "write failed")
@@ -121,7 +139,12 @@ def save_checkpoint(model, optimizer, scheduler, cfg, args, position, rank, devi
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # (all ranks)
 
     def finish():
-        write_hf(full, cfg, args.partial_pretrain, tmp / "huggingface")
+        if args.lora_rank > 0:  # huggingface/ is the merged model; the adapter alone goes beside it
+            write_hf(M.merge_lora(full, args.lora_rank, args.lora_alpha), cfg, args.partial_pretrain, tmp / "huggingface")
+            M.save_lora_adapter(full, tmp / "lora_adapter", args.lora_rank, args.lora_alpha, args.target_modules,
+                                base_model=args.partial_pretrain)
+        else:
+            write_hf(full, cfg, args.partial_pretrain, tmp / "huggingface")
         meta = {**position, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
                 "config": resume_config(args)}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")  # marks it complete
@@ -162,15 +185,21 @@ def load_checkpoint(path, model, optimizer, scheduler, args, rank, device):
     """Restore model, optimizer, scheduler and RNG in place; returns the saved data position."""
     meta = json.loads((path / "trainer_state.json").read_text())
     now = resume_config(args)
-    diffs = [f"{k} {meta['config'].get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if meta["config"].get(k) != now[k]]
+    saved = {"lora_rank": 0, "lora_alpha": None, "target_modules": None, **meta["config"]}  # pre-LoRA checkpoints
+    lora_diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in LORA_KEYS if saved[k] != now[k]]
+    if lora_diffs:
+        raise CheckpointError(f"cannot resume from {path}: {'; '.join(lora_diffs)} changes the LoRA adapter it "
+                              "holds; restore the original model.lora_* / model.target_modules, or use a new "
+                              "trainer.default_local_dir (or trainer.resume_mode=disable) to start fresh.")
+    diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: {'; '.join(diffs)} would change the data order or "
                               "schedule; restore the original values, or use a new trainer.default_local_dir "
                               "(or trainer.resume_mode=disable) to start fresh.")
-    model_sd, optim_sd = get_state_dict(model, optimizer)  # (all ranks)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = resume_state(model, optimizer, args)  # (all ranks)
     dcp.load(state, checkpoint_id=str(path / "dcp"))  # (all ranks) reshards to this layout
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])  # (all ranks)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=args.lora_rank == 0))  # (all ranks) LoRA: base not in state
     scheduler.load_state_dict(meta["scheduler"])
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved; nothing random is drawn

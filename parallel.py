@@ -36,7 +36,7 @@ def build_meshes(device_type, world_size, sp_size):
 # --------------------------------------------------------------------------- FSDP2
 
 def apply_fsdp(model, mesh, param_dtype, reduce_dtype=torch.float32, cpu_offload=False):
-    """fully_shard each decoder layer, then the root (embedding, final norm, LM head).
+    """fully_shard each decoder layer (and its LoRA adapters), then the root (embedding, final norm, LM head).
 
     Per-layer units let FSDP2 all-gather layer i+1 while layer i computes and free it after.
     Master weights stay in the dtype the model was built in; param_dtype is the compute copy.
@@ -45,6 +45,11 @@ def apply_fsdp(model, mesh, param_dtype, reduce_dtype=torch.float32, cpu_offload
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in model.model.layers:
+        # LoRA adapters (fp32 masters) beside a bf16 frozen base: one FSDP unit holds one original
+        # dtype, so a layer's adapters are grouped into their own unit (one all-gather per layer).
+        adapters = [m for name, m in layer.named_modules() if name.endswith((".lora_A", ".lora_B"))]
+        if adapters:
+            fully_shard(adapters, **kwargs)
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model

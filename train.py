@@ -115,9 +115,10 @@ def build_parser():
     a("--model.trust_remote_code", dest="trust_remote_code", type=boolean, default=False)
     a("--model.external_lib", dest="external_lib", type=optional(str), default=None)
     a("--model.use_liger", dest="use_liger", type=boolean, default=False)
-    a("--model.lora_rank", dest="lora_rank", type=int, default=0)
-    a("--model.lora_alpha", dest="lora_alpha", type=int, default=16)
-    a("--model.target_modules", dest="target_modules", default="all-linear")
+    a("--model.lora_rank", dest="lora_rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
+    a("--model.lora_alpha", dest="lora_alpha", type=int, default=16, help="LoRA scaling alpha / rank")
+    a("--model.target_modules", dest="target_modules", type=str_list, default=["all-linear"],
+      help="all-linear (q/k/v/o/gate/up/down of every layer) or a list such as [q_proj,v_proj]")
     # optimizer
     a("--optim.lr", dest="lr", type=float, default=1e-5)
     a("--optim.betas", dest="betas", type=float_list, default=[0.9, 0.95])
@@ -196,8 +197,14 @@ def validate(args, world_size):
             raise ConfigError(f"{key}={value} must be at least 1.")
     if args.lr < 0 or args.clip_grad <= 0 or not 0 <= args.warmup_steps_ratio <= 1:
         raise ConfigError("optim.lr must be >= 0, optim.clip_grad > 0 and optim.warmup_steps_ratio in [0, 1].")
-    if args.lora_rank > 0:
-        raise ConfigError("model.lora_rank > 0: LoRA is not supported; remove it for full fine-tuning.")
+    if args.lora_rank < 0:
+        raise ConfigError(f"model.lora_rank={args.lora_rank} must be >= 0 (0 = full fine-tuning).")
+    if args.lora_rank > 0 and args.lora_alpha <= 0:
+        raise ConfigError(f"model.lora_alpha={args.lora_alpha} must be > 0 (the LoRA scale is alpha / rank).")
+    unknown = [t for t in args.target_modules if t not in M.LORA_TARGETS + ("all-linear",)]
+    if args.lora_rank > 0 and (unknown or not args.target_modules):
+        what = f"has unknown module(s) {unknown}" if unknown else "is empty"
+        raise ConfigError(f"model.target_modules {what}; use all-linear or a list of {', '.join(M.LORA_TARGETS)}.")
     if args.use_liger:
         raise ConfigError("model.use_liger=true is not supported; the fused LM-head loss is built in, remove it.")
     if args.trust_remote_code or args.external_lib:
@@ -276,6 +283,11 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def fmt_count(n):
+    """8.8M, 7.6B, 52.3K: parameter counts for the log."""
+    return next(f"{n / d:.1f}{u}" for d, u in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= d or d == 1)
+
+
 def to_device(batch, device):
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -293,6 +305,8 @@ def build_model(args, device, world_mesh, sp_group, compute_dtype=None):
     compute_dtype defaults to bf16 on GPU and fp32 on CPU (tests pass bf16 to run the GPU recipe on CPU)."""
     master_dtype = torch.float32 if args.model_dtype in ("fp32", "float32") else torch.bfloat16
     model = M.load_pretrained(args.partial_pretrain, dtype=master_dtype)
+    if args.lora_rank > 0:  # frozen base in the master dtype, fp32 adapters (same A on every rank: seeded)
+        M.apply_lora(model, args.lora_rank, args.lora_alpha, args.target_modules, seed=args.seed)
     model.model.gradient_checkpointing = args.enable_gradient_checkpointing
     parallel.apply_ulysses(model, sp_group, args.sp_size)
     if compute_dtype is None:
@@ -439,6 +453,10 @@ def run(args):
     model = build_model(args, device, world_mesh, sp_group)
     log(f"model: {M.num_params(model) / 1e6:.1f}M parameters, world {world_size} = dp {dp_size} x sp {sp_size}, "
         f"{device.type}")
+    trained = [p for p in model.parameters() if p.requires_grad]  # all, or only the LoRA adapters
+    if args.lora_rank > 0:
+        n_trained, n_total = M.count_trained(model)
+        log(f"LoRA r={args.lora_rank}: {fmt_count(n_trained)} of {fmt_count(n_total)} parameters trained")
 
     # --- data: rank 0 tokenizes (and fills the cache) first, the others then read the cache
     tokenizer = data.load_tokenizer(args.partial_pretrain)
@@ -471,7 +489,7 @@ def run(args):
         f"x {args.total_epochs} epochs = {total_steps} steps" + (f", stopping at {stop_at}" if stop_at < total_steps else ""))
 
     # --- optimizer and schedule
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, args.warmup_steps_ratio, args.lr_scheduler))
@@ -517,7 +535,7 @@ def run(args):
                 torch.cuda.reset_peak_memory_stats(device)  # the peak reported is this step's
             micro, samples = step_micro_batches(train, lengths, batches[b], args, ctx)
             train_loss, n_tokens = forward_backward(model, micro, args, ctx)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)  # (all ranks)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.clip_grad)  # (all ranks)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if math.isfinite(grad_norm):
                 optimizer.step()
