@@ -1,17 +1,20 @@
-"""Data: parquet rows -> chat text -> token ids + target mask -> packed micro-batches.
+"""Data: parquet / JSON rows -> chat text -> token ids + target mask -> packed micro-batches.
 
 The chat templates are written out by hand in templates.py (no jinja at runtime), so the trained
 character spans come from the same code that writes the text; tests compare it byte for byte with
 the official templates rendered through jinja2 the way transformers renders them.
 
-    python data.py inspect FILE.parquet --tokenizer MODEL_DIR [--chat_template auto] [--rows 0:4] [--jsonl OUT]
+    python data.py inspect FILE --tokenizer MODEL_DIR [--chat_template auto] [--rows 0:4] [--jsonl OUT]
 """
 import argparse
 import hashlib
 import heapq
+import itertools
 import json
 import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -124,13 +127,16 @@ def _tools(raw, where):
     return tools or None  # an empty list renders like no tools (the template tests `if tools`)
 
 
-def _parquet_files(files):
+def _data_files(files):
+    """The files behind data.train_files / val_files: each file as given, a directory's parquet
+    and JSON files in name order."""
     out = []
     for f in [files] if isinstance(files, (str, os.PathLike)) else files:
         p = Path(f)
-        found = sorted(p.glob("*.parquet")) if p.is_dir() else [p] if p.is_file() else []
+        found = (sorted(q for q in p.iterdir() if q.suffix in (".parquet", ".json", ".jsonl")) if p.is_dir()
+                 else [p] if p.is_file() else [])
         if not found:
-            raise DataError(f"{p} is neither a parquet file nor a directory of them; "
+            raise DataError(f"{p} is neither a parquet or JSON file nor a directory of them; "
                             "check data.train_files / data.val_files.")
         out += found
     return out
@@ -144,29 +150,82 @@ def _enable_thinking(value, key, where):
                     "(check data.multiturn.enable_thinking_key).")
 
 
+def _json_rows(path):
+    """The rows of a .jsonl (one object per line) or .json (a list of objects) file, as written.
+
+    The json module keeps each row as the user wrote it (no struct unification, so nothing is
+    pruned that was not there; a JSON-string column stays a string), which is what the parquet
+    path yields after _prune.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); re-export it as UTF-8 JSON.") from None
+    if path.suffix == ".jsonl":
+        rows = []
+        # split on "\n" only: str.splitlines would also cut at U+2028 inside a JSON string
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"line {n} of {path} is not valid JSON ({e.msg} at column {e.colno}); "
+                                    "fix or remove that line.") from None
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                            "fix the file, or write one row per line as .jsonl.") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path} holds a JSON {type(rows).__name__}, not a list of rows; write a list "
+                            "of objects, or one object per line as .jsonl.")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"row {i} of {path} is a {type(row).__name__}, not an object of columns.")
+    return rows
+
+
+def _read_columns(path, keys):
+    """(every column name, {key: values} for the keys present, number of rows) of one data file."""
+    if path.suffix in (".json", ".jsonl"):
+        rows = _json_rows(path)
+        names = list(dict.fromkeys(k for row in rows for k in row))  # a key any row has is a column
+        return names, {k: [row.get(k) for row in rows] for k in keys if k in names}, len(rows)
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:
+        raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}); "
+                        "re-export it or drop it from the data files.") from None
+    table = pq.read_table(path, columns=[k for k in keys if k in names])
+    return names, {k: table.column(k).to_pylist() for k in table.column_names}, table.num_rows
+
+
+def _num_rows(path):
+    """Rows in one data file without decoding them (a .json list has to be parsed)."""
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    return len(_json_rows(path)) if path.suffix == ".json" else pq.read_metadata(path).num_rows
+
+
 def _iter_rows(files, multiturn=True, messages_key="messages", tools_key="tools", prompt_key="question",
                response_key="answer", prompt_dict_keys=None, response_dict_keys=None, enable_thinking_key=None):
     """Yield (where, messages, tools, enable_thinking) for every row of every file, in order."""
     want = ([(messages_key, "data.multiturn.messages_key", None)] if multiturn else
             [(prompt_key, "data.prompt_dict_keys", prompt_dict_keys),
              (response_key, "data.response_dict_keys", response_dict_keys)])
-    for path in _parquet_files(files):
-        try:
-            names = pq.read_schema(path).names
-        except Exception as e:
-            raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}); "
-                            "re-export it or drop it from the data files.") from None
+    for path in _data_files(files):
+        # one column may serve twice (prompt and response); tools are optional
+        names, cols, num_rows = _read_columns(
+            path, dict.fromkeys([k for k, _, _ in want] + [tools_key, enable_thinking_key] * multiturn))
         for key, flag, _ in want:
             if key not in names:
                 raise DataError(f"{path} has no column {key!r} (it has {', '.join(names)}); "
                                 f"set {flag.replace('_dict_keys', '_key')} to the right column.")
-        has_tools = multiturn and tools_key in names  # tools are optional
-        has_think = multiturn and enable_thinking_key in names  # so is the enable_thinking column
-        columns = dict.fromkeys([k for k, _, _ in want] + [tools_key] * has_tools
-                                + [enable_thinking_key] * has_think)  # one column may serve twice
-        table = pq.read_table(path, columns=list(columns))
-        cols = {k: table.column(k).to_pylist() for k in table.column_names}
-        for i in range(table.num_rows):
+        has_tools = multiturn and tools_key in names
+        has_think = multiturn and enable_thinking_key in names  # optional as well
+        for i in range(num_rows):
             where = f"row {i} of {path}"
             if multiturn:
                 tools = _tools(cols[tools_key][i], where) if has_tools else None
@@ -194,22 +253,27 @@ def read_rows(files, *, multiturn=True, messages_key="messages", tools_key="tool
 
 # --------------------------------------------------------------------------- tokens and mask
 
-def encode(tokenizer, text, spans):
-    """Tokenize once; a token is trained when any character it covers is in a trained span."""
-    enc = tokenizer.encode(text, add_special_tokens=False)
+def _ids_and_mask(enc, spans):
+    """A token is trained when any character it covers is in a trained span."""
     ids = np.asarray(enc.ids, dtype=np.int64)
-    offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2) char [start, end)
-    chars = np.zeros(len(text) + 1, dtype=np.int64)
-    for a, b in spans:
-        chars[a:b] = 1
-    before = np.concatenate([[0], np.cumsum(chars)])  # before[c] = trained chars in text[:c]
+    offsets = enc.offsets  # a list of (start, end) char offsets; flattened, far faster than asarray
+    offsets = np.fromiter(itertools.chain.from_iterable(offsets), np.int64, 2 * len(offsets)).reshape(-1, 2)  # (T, 2)
     # Guard against empty offsets: count at least the character a token starts on.
     start, end = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)
-    return ids, (before[end] - before[start] > 0).astype(np.uint8)
+    spans = np.array(spans, dtype=np.int64).reshape(-1, 2)  # (S, 2) char [a, b)
+    spans = spans[spans[:, 1] > spans[:, 0]]
+    a, b = np.sort(spans[:, 0]), np.sort(spans[:, 1])
+    # [start, end) meets span [a, b) iff a < end and b > start. Every span with b <= start also has
+    # a < end, so (#spans with a < end) - (#spans with b <= start) counts the spans a token meets.
+    return ids, (np.searchsorted(a, end, "left") - np.searchsorted(b, start, "right") > 0).astype(np.uint8)
 
 
-def _sample(tokenizer, family, messages, tools, enable_thinking, max_length, truncation, where):
-    ids, mask = encode(tokenizer, *templates.render(family, messages, tools, enable_thinking=enable_thinking))
+def encode(tokenizer, text, spans):
+    """Tokenize once; the mask comes from the tokens' character offsets."""
+    return _ids_and_mask(tokenizer.encode(text, add_special_tokens=False), spans)
+
+
+def _truncate(ids, mask, max_length, truncation, where):
     if max_length is not None and len(ids) > max_length:
         if truncation == "error":
             raise DataError(f"{where} has {len(ids)} tokens, more than data.max_length={max_length}; "
@@ -217,6 +281,11 @@ def _sample(tokenizer, family, messages, tools, enable_thinking, max_length, tru
         keep = slice(len(ids) - max_length, None) if truncation == "left" else slice(0, max_length)
         ids, mask = ids[keep], mask[keep]  # the mask stays aligned with the ids kept
     return ids, mask
+
+
+def _sample(tokenizer, family, messages, tools, enable_thinking, max_length, truncation, where):
+    ids, mask = encode(tokenizer, *templates.render(family, messages, tools, enable_thinking=enable_thinking))
+    return _truncate(ids, mask, max_length, truncation, where)
 
 
 # --------------------------------------------------------------------------- dataset and cache
@@ -260,6 +329,47 @@ def _save_cache(path, key, samples, counts):
     os.replace(tmp, path)
 
 
+def _tokenize_rows(tokenizer, family, paths, keys, max_length, truncation, log, chunk_rows=512):
+    """(samples, rows dropped, rows whose reasoning the template drops) of every row: rendered a chunk
+    at a time, then tokenized with one encode_batch per chunk (the Rust side spreads it over all cores). The same ids and masks as
+    _sample row by row. Logs progress every ~5 s when it takes that long."""
+    rows = _iter_rows(paths, **keys)
+
+    def encoded_chunks():
+        # encode_batch releases the GIL: it runs in a thread while this one reads and renders the
+        # next chunk and masks the previous one, so Python and Rust work at the same time.
+        with ThreadPoolExecutor(1) as pool:
+            ahead = None
+            while chunk := list(itertools.islice(rows, chunk_rows)):
+                rendered = [templates.render(family, messages, tools, enable_thinking=thinking)  # the per-row render call
+                            for _, messages, tools, thinking in chunk]
+                job = pool.submit(tokenizer.encode_batch, [text for text, _ in rendered], add_special_tokens=False)
+                if ahead:
+                    yield ahead[0], ahead[1], ahead[2].result()
+                ahead = (chunk, rendered, job)
+            if ahead:
+                yield ahead[0], ahead[1], ahead[2].result()
+
+    samples, dropped, unrendered, done, total = [], 0, 0, 0, None
+    t_start = t_log = time.time()
+    for chunk, rendered, encodings in encoded_chunks():
+        for (where, messages, _, _), (_, spans), enc in zip(chunk, rendered, encodings):
+            # Qwen2.5 and 2507 Instruct templates write no reasoning: count the rows that lose some.
+            unrendered += family != "qwen3" and any(m.get("reasoning_content") for m in messages)
+            ids, mask = _truncate(*_ids_and_mask(enc, spans), max_length, truncation, where)
+            if mask.any():
+                samples.append((ids, mask))
+            else:
+                dropped += 1
+        done += len(chunk)
+        if time.time() - t_log >= 5:
+            total = total or sum(_num_rows(p) for p in paths)  # counted once, only for long builds
+            t_log, rate = time.time(), done / (time.time() - t_start)
+            log(f"data: tokenized {done:,} / {total:,} rows | {rate:,.0f} rows/s | "
+                f"eta {max(0.0, (total - done) / rate):.0f}s")
+    return samples, dropped, unrendered
+
+
 def build_samples(files, tokenizer, max_length, truncation="error", *, chat_template="qwen2.5",
                   enable_thinking_key="enable_thinking", cache_dir=None, tokenizer_path=None,
                   multiturn=True, messages_key="messages", tools_key="tools", prompt_key="question",
@@ -276,7 +386,7 @@ def build_samples(files, tokenizer, max_length, truncation="error", *, chat_temp
     keys = dict(multiturn=multiturn, messages_key=messages_key, tools_key=tools_key,
                 prompt_key=prompt_key, response_key=response_key, prompt_dict_keys=prompt_dict_keys,
                 response_dict_keys=response_dict_keys, enable_thinking_key=enable_thinking_key)
-    paths = _parquet_files(files)
+    paths = _data_files(files)
     names = ", ".join(str(p) for p in paths)
     samples, (dropped, unrendered), cache = None, (0, 0), None
     if cache_dir is not None:
@@ -290,15 +400,7 @@ def build_samples(files, tokenizer, max_length, truncation="error", *, chat_temp
         cache = Path(cache_dir) / f"samples-{key[:20]}.npz"
         samples, (dropped, unrendered) = _load_cache(cache, key, log)
     if samples is None:
-        samples = []
-        for where, messages, tools, thinking in _iter_rows(paths, **keys):
-            # Qwen2.5 and 2507 Instruct templates write no reasoning: count the rows that lose some.
-            unrendered += chat_template != "qwen3" and any(m.get("reasoning_content") for m in messages)
-            ids, mask = _sample(tokenizer, chat_template, messages, tools, thinking, max_length, truncation, where)
-            if mask.any():
-                samples.append((ids, mask))
-            else:
-                dropped += 1
+        samples, dropped, unrendered = _tokenize_rows(tokenizer, chat_template, paths, keys, max_length, truncation, log)
         if not samples:
             raise DataError(f"no row of {names} has a trained token; "
                             "check its assistant turns and loss fields.")
@@ -322,13 +424,14 @@ def epoch_batches(n, batch_size, seed, epoch):
 
 
 def shard(batch_indices, dp_rank, dp_size):
-    """This dp rank's contiguous slice of one global batch (train.py checks divisibility)."""
-    per = len(batch_indices) // dp_size
+    """This dp rank's contiguous slice of one global batch (train.py checks that dp_size divides a
+    training batch; when it does not, as for the val set, the last ranks get fewer)."""
+    per = -(-len(batch_indices) // dp_size)  # ceil
     return batch_indices[dp_rank * per:(dp_rank + 1) * per]
 
 
-def balanced_shard(lengths, batch_indices, dp_rank, dp_size):
-    """This dp rank's samples of one global batch when micro-batches are sized by tokens.
+def _balanced_owners(lengths, batch_indices, dp_size):
+    """The dp rank of each sample of one global batch when micro-batches are sized by tokens.
 
     With token budgets (verl's data.use_dynamic_bsz) ranks balance tokens, not sample counts:
     longest sample first, each to the rank with the fewest tokens so far (ties: fewer samples,
@@ -345,7 +448,13 @@ def balanced_shard(lengths, batch_indices, dp_rank, dp_size):
         tokens, count, r = heapq.heappop(loads)
         owner[i] = r
         heapq.heappush(loads, (tokens + int(lens[i]), count + 1, r))
-    return batch_indices[owner == dp_rank]
+    return owner  # (B,) the dp rank of each sample of the batch
+
+
+def balanced_shard(lengths, batch_indices, dp_rank, dp_size):
+    """This dp rank's samples of one global batch when micro-batches are sized by tokens."""
+    batch_indices = np.asarray(batch_indices)
+    return batch_indices[_balanced_owners(lengths, batch_indices, dp_size) == dp_rank]
 
 
 def token_budget_micro_batches(lengths, max_tokens):
@@ -370,6 +479,35 @@ def token_budget_micro_batches(lengths, max_tokens):
         batches[b].append(i)
         room[b] -= lengths[i]
     return [sorted(b) for b in batches]
+
+
+def micro_batches(samples, batch_indices, *, dp_rank, dp_size, micro_batch_size=None, max_tokens=None,
+                  lengths=None, packed=True, pad_id=0):
+    """This dp rank's micro-batches of one global batch, and its samples (the one call train.py makes).
+
+    Fixed size (micro_batch_size): a contiguous dp shard cut into micro_batch_size samples; a batch
+    that dp_size does not divide (the val set) leaves the last ranks fewer. Token budget
+    (max_tokens, verl's use_dynamic_bsz; needs lengths[i] = len(samples[i]) and packed): dp ranks
+    balance tokens, then first-fit packing up to max_tokens per micro-batch. FSDP's collectives
+    need every rank to run as many forward/backward passes as the others, so a rank with fewer
+    micro-batches gets empty ones (one untrained pad token). Sharding is deterministic, so each
+    rank works out every rank's count locally: no collective. The sp ranks of one group share a
+    dp_rank and so get the same micro-batches.
+    """
+    batch_indices = np.asarray(batch_indices)
+    if max_tokens is None:
+        shards = [shard(batch_indices, r, dp_size) for r in range(dp_size)]
+        groups = [[list(range(i, min(i + micro_batch_size, len(s)))) for i in range(0, len(s), micro_batch_size)]
+                  for s in shards]
+    else:
+        owner = _balanced_owners(lengths, batch_indices, dp_size)
+        shards = [batch_indices[owner == r] for r in range(dp_size)]
+        groups = [token_budget_micro_batches(np.asarray(lengths)[s], max_tokens) for s in shards]
+    mine = [samples[i] for i in shards[dp_rank]]
+    collate = pack if packed else lambda chunk: pad(chunk, pad_id)
+    micro = [collate([mine[i] for i in g]) for g in groups[dp_rank]]
+    empty = (np.array([pad_id], dtype=np.int64), np.zeros(1, dtype=np.uint8))
+    return micro + [pack([empty])] * (max(map(len, groups)) - len(micro)), mine
 
 
 def pack(samples):
@@ -437,7 +575,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="See how rows render, tokenize and which tokens are trained.")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("inspect", help="print rows with trained tokens marked ([[...]] when not a tty)")
-    q.add_argument("file", help="parquet file or directory of parquet files")
+    q.add_argument("file", help="parquet, .jsonl or .json file, or a directory of them")
     q.add_argument("--tokenizer", required=True, help="model dir holding tokenizer.json")
     q.add_argument("--max_length", type=int, default=None, help="as data.max_length (default: no limit)")
     q.add_argument("--truncation", default="error", choices=["error", "left", "right"],

@@ -1,7 +1,8 @@
 """Parallelism applied to a built model from outside: device meshes, FSDP2, Ulysses.
 
 Vocabulary: world_size W ranks = dp_size x sp_size. The sp_size ranks of one Ulysses group hold
-contiguous slices of the same packed stream; FSDP2 shards parameters over all W ranks.
+contiguous slices of the same packed stream; FSDP2 shards parameters over all W ranks, or (HSDP)
+over groups of fsdp_size consecutive ranks, replicated across groups.
 """
 import functools
 
@@ -26,11 +27,30 @@ def check_sp_size(sp_size, world_size, num_heads, num_kv_heads):
                             f"{num_kv_heads} key-value heads; use one of {ok}.")
 
 
-def build_meshes(device_type, world_size, sp_size):
-    """(world mesh for FSDP, 2-D (dp, sp) mesh for the groups). gloo needs the explicit 'cpu' type."""
-    world = init_device_mesh(device_type, (world_size,), mesh_dim_names=("fsdp",))
+def check_fsdp_size(fsdp_size, world_size):
+    if fsdp_size != -1 and not (1 <= fsdp_size <= world_size and world_size % fsdp_size == 0):
+        ok = [n for n in range(1, world_size + 1) if world_size % n == 0]
+        raise ParallelError(f"model.fsdp_config.fsdp_size={fsdp_size} must be -1 (shard over all {world_size} "
+                            f"processes) or one of {ok}; use the GPUs per node for multi-node runs.")
+
+
+def build_meshes(device_type, world_size, sp_size, fsdp_size=-1):
+    """(FSDP mesh, 2-D (dp, sp) mesh for the groups). gloo needs the explicit 'cpu' type.
+
+    fsdp_size -1 or world_size: a 1-D mesh, parameters sharded over every rank. 1 <= fsdp_size <
+    world_size: HSDP, a 2-D (replicate, shard) mesh. Meshes are row-major, so a shard group is
+    fsdp_size consecutive ranks (= one node when fsdp_size is the GPUs per node): each layer's
+    all-gather and reduce-scatter stay inside the node and only one gradient all-reduce per step
+    crosses nodes. Ulysses groups are sp_size consecutive ranks either way.
+    """
+    check_fsdp_size(fsdp_size, world_size)
+    if fsdp_size in (-1, world_size):
+        fsdp = init_device_mesh(device_type, (world_size,), mesh_dim_names=("fsdp",))
+    else:
+        fsdp = init_device_mesh(device_type, (world_size // fsdp_size, fsdp_size),
+                                mesh_dim_names=("replicate", "shard"))
     dp_sp = init_device_mesh(device_type, (world_size // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
-    return world, dp_sp
+    return fsdp, dp_sp
 
 
 # --------------------------------------------------------------------------- FSDP2
@@ -40,6 +60,9 @@ def apply_fsdp(model, mesh, param_dtype, reduce_dtype=torch.float32, cpu_offload
 
     Per-layer units let FSDP2 all-gather layer i+1 while layer i computes and free it after.
     Master weights stay in the dtype the model was built in; param_dtype is the compute copy.
+    On a 2-D (replicate, shard) mesh fully_shard is HSDP: gradients are reduce-scattered within
+    the shard group, then all-reduced across replicas, each averaging, so the result is the mean
+    over all ranks as with plain FSDP (train.py's loss scale relies on that).
     """
     kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
     if cpu_offload:

@@ -8,6 +8,7 @@ Reads top to bottom: command line -> distributed init -> model -> optimizer -> d
 """
 import argparse
 import difflib
+import functools
 import importlib
 import json
 import math
@@ -109,6 +110,8 @@ def build_parser():
       help="master weight dtype")
     a("--model.fsdp_config.cpu_offload", dest="cpu_offload", type=boolean, default=False)
     a("--model.fsdp_config.offload_params", dest="offload_params", type=boolean, default=False)
+    a("--model.fsdp_config.fsdp_size", dest="fsdp_size", type=int, default=-1,
+      help="ranks that shard each parameter: -1 = all (FSDP); fewer = HSDP, replicated across groups (GPUs per node)")
     a("--model.fsdp_config.wrap_policy.min_num_params", dest="min_num_params", type=int, default=0,
       help="accepted; every decoder layer is its own FSDP unit")
     a("--model.enable_gradient_checkpointing", dest="enable_gradient_checkpointing", type=boolean, default=True)
@@ -230,6 +233,10 @@ def validate(args, world_size):
         raise ConfigError(f"data.max_length={args.max_length} exceeds the micro-batch token budget "
                           f"{args.max_token_len_per_gpu * args.sp_size} (data.max_token_len_per_gpu x sp size); "
                           "raise data.max_token_len_per_gpu or lower data.max_length.")
+    try:
+        parallel.check_fsdp_size(args.fsdp_size, world_size)
+    except parallel.ParallelError as e:
+        raise ConfigError(str(e)) from None
     dp = world_size // args.sp_size
     if args.train_batch_size % dp:
         raise ConfigError(f"data.train_batch_size={args.train_batch_size} is not divisible by the "
@@ -316,38 +323,13 @@ def build_model(args, device, world_mesh, sp_group, compute_dtype=None):
     return parallel.apply_fsdp(model, world_mesh, param_dtype=compute_dtype, cpu_offload=offload)
 
 
-def empty_sample(pad_id):
-    """One pad token that trains nothing: fills a rank's turn when it has no samples left, since
-    FSDP's collectives need every rank to run the same number of forward/backward passes."""
-    return np.array([pad_id], dtype=np.int64), np.zeros(1, dtype=np.uint8)
-
-
-def collate(samples, args, pad_id):
-    """One packed varlen stream (use_remove_padding) or the same samples right-padded."""
-    return data.pack(samples) if args.use_remove_padding else data.pad(samples, pad_id)
-
-
-def step_micro_batches(train, lengths, batch_indices, args, ctx):
-    """This rank's micro-batches of one global batch, and its samples.
-
-    Fixed size: a contiguous dp shard cut into micro_batch_size_per_gpu samples. Token budget
-    (use_dynamic_bsz): dp ranks balance tokens, then first-fit packing up to
-    max_token_len_per_gpu x sp_size tokens per micro-batch (an sp group splits each stream S ways,
-    so each GPU still holds max_token_len_per_gpu). FSDP's collectives need every rank to run as
-    many micro-batches as the others, so the short lists get empty ones (one untrained token).
-    The loss is the global token mean either way, so the step is the same as with fixed sizes.
-    """
-    if not args.use_dynamic_bsz:
-        samples = [train[i] for i in data.shard(batch_indices, ctx["dp_rank"], ctx["dp_size"])]
-        mbs = args.micro_batch_size_per_gpu
-        return [collate(samples[i:i + mbs], args, ctx["pad_id"]) for i in range(0, len(samples), mbs)], samples
-    mine = data.balanced_shard(lengths, batch_indices, ctx["dp_rank"], ctx["dp_size"])
-    samples = [train[i] for i in mine]
-    groups = data.token_budget_micro_batches(lengths[mine], args.max_token_len_per_gpu * args.sp_size)
-    micro = [data.pack([samples[i] for i in g]) for g in groups]
-    count = torch.tensor(float(len(micro)), device=ctx["device"])
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)  # (all ranks)
-    return micro + [data.pack([empty_sample(ctx["pad_id"])])] * (int(count) - len(micro)), samples
+def batch_layout(args, dp_rank, dp_size, pad_id):
+    """How data.micro_batches cuts this rank's share of a batch: fixed-size micro-batches, or token
+    budgets (use_dynamic_bsz) of max_token_len_per_gpu x sp size per micro-batch, since an sp group
+    splits each packed stream sp_size ways and each GPU still holds max_token_len_per_gpu."""
+    return dict(dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=args.micro_batch_size_per_gpu, pad_id=pad_id,
+                packed=args.use_remove_padding,
+                max_tokens=args.max_token_len_per_gpu * args.sp_size if args.use_dynamic_bsz else None)
 
 
 def forward_backward(model, micro, args, ctx):
@@ -382,17 +364,13 @@ def all_sum(x, group=None):
 
 
 def evaluate(model, samples, args, ctx):
-    """val/loss: global token mean over the whole val set. Every rank runs the same number of
-    micro-batches (FSDP's collectives must match), padding its list with empty ones."""
-    mine = samples[ctx["dp_rank"]::ctx["dp_size"]]
-    mbs = args.micro_batch_size_per_gpu
-    n_micro = math.ceil(math.ceil(len(samples) / ctx["dp_size"]) / mbs)
+    """val/loss: global token mean over the whole val set, in fixed-size micro-batches (data.py
+    gives every rank the same number: FSDP's collectives must match)."""
+    micro, _ = data.micro_batches(samples, np.arange(len(samples)), **{**ctx["layout"], "max_tokens": None})
     ce, tokens = torch.zeros((), dtype=torch.float64, device=ctx["device"]), 0
     model.eval()
     with torch.no_grad():
-        for i in range(n_micro):
-            chunk = mine[i * mbs:(i + 1) * mbs] or [empty_sample(ctx["pad_id"])]
-            batch = collate(chunk, args, ctx["pad_id"])
+        for batch in micro:
             tokens += int((batch["labels"] != -100).sum())
             ce += loss_sum(model, batch, args, ctx["sp_rank"], ctx["pad_id"], ctx["device"]).double()
     model.train()
@@ -425,12 +403,12 @@ def init_distributed(args):
 def run(args):
     rank, world_size, device = init_distributed(args)
     validate(args, world_size)
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # --- meshes: FSDP over all ranks; Ulysses groups of sp_size consecutive ranks
+    # --- meshes: FSDP over all ranks (or HSDP: groups of fsdp_size); Ulysses groups of sp_size consecutive ranks
     cfg = M.read_config(args.partial_pretrain)
     # The render is decided before any heavy work; the resolved family is what run.json and a resume see.
     found = args.chat_template == "auto"
@@ -438,7 +416,7 @@ def run(args):
     log(f"chat template: {args.chat_template} "
         + ("(recognised in the model dir)" if found else "(data.chat_template)"))
     parallel.check_sp_size(args.sp_size, world_size, cfg["num_attention_heads"], cfg["num_key_value_heads"])
-    world_mesh, dp_sp = parallel.build_meshes(device.type, world_size, args.sp_size)
+    world_mesh, dp_sp = parallel.build_meshes(device.type, world_size, args.sp_size, args.fsdp_size)
     dp_size, sp_size = world_size // args.sp_size, args.sp_size
     dp_rank, sp_rank = dp_sp["dp"].get_local_rank(), dp_sp["sp"].get_local_rank()
     dp_group, sp_group = dp_sp["dp"].get_group(), dp_sp["sp"].get_group()
@@ -452,7 +430,7 @@ def run(args):
     # --- model: full weights on CPU, then Ulysses + FSDP2 shard them onto the device
     model = build_model(args, device, world_mesh, sp_group)
     log(f"model: {M.num_params(model) / 1e6:.1f}M parameters, world {world_size} = dp {dp_size} x sp {sp_size}, "
-        f"{device.type}")
+        f"{'hsdp %d x %d, ' % world_mesh.shape if world_mesh.ndim == 2 else ''}{device.type}")
     trained = [p for p in model.parameters() if p.requires_grad]  # all, or only the LoRA adapters
     if args.lora_rank > 0:
         n_trained, n_total = M.count_trained(model)
@@ -518,8 +496,8 @@ def run(args):
     signal.signal(signal.SIGINT, on_signal)
 
     # --- loop
-    ctx = dict(device=device, pad_id=pad_id, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank, dp_group=dp_group,
-               world_size=world_size)
+    ctx = dict(device=device, pad_id=pad_id, sp_rank=sp_rank, dp_group=dp_group, world_size=world_size,
+               layout=batch_layout(args, dp_rank, dp_size, pad_id))
     peak = M.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
     loggers = make_loggers(args, out, vars(args)) if rank == 0 else []
@@ -533,7 +511,7 @@ def run(args):
             t0 = time.time()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)  # the peak reported is this step's
-            micro, samples = step_micro_batches(train, lengths, batches[b], args, ctx)
+            micro, samples = data.micro_batches(train, batches[b], lengths=lengths, **ctx["layout"])  # this rank's
             train_loss, n_tokens = forward_backward(model, micro, args, ctx)
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.clip_grad)  # (all ranks)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)

@@ -144,7 +144,7 @@ def test_bad_data_errors(tmp_path, rows, message):
 
 
 def test_missing_files_and_tokenizer(tmp_path):
-    with pytest.raises(data.DataError, match=r"nope\.parquet is neither a parquet file nor a directory"):
+    with pytest.raises(data.DataError, match=r"nope\.parquet is neither a parquet or JSON file nor a directory"):
         data.read_rows(tmp_path / "nope.parquet")
     with pytest.raises(data.DataError, match=r"tokenizer\.json does not exist; model\.partial_pretrain"):
         data.load_tokenizer(tmp_path)
@@ -207,14 +207,14 @@ def test_cache_reuse_and_rebuild(tmp_path, tokenizer, monkeypatch):
 
     def no_tokenizing(*a, **k):
         raise AssertionError("cache was not used")
-    real_sample = data._sample
-    monkeypatch.setattr(data, "_sample", no_tokenizing)
+    real_tokenize = data._tokenize_rows
+    monkeypatch.setattr(data, "_tokenize_rows", no_tokenizing)
     again = data.build_samples(path, tokenizer, 100, **kw)
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
     assert again[0][0].dtype == np.int64
 
     # corrupt: flip bytes in the middle -> one warning, rebuilt, same result, valid again
-    monkeypatch.setattr(data, "_sample", real_sample)
+    monkeypatch.setattr(data, "_tokenize_rows", real_tokenize)
     blob = bytearray(file.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     file.write_bytes(bytes(blob))
@@ -222,18 +222,18 @@ def test_cache_reuse_and_rebuild(tmp_path, tokenizer, monkeypatch):
     rebuilt = data.build_samples(path, tokenizer, 100, **{**kw, "log": lines.append})
     assert len(lines) == 1 and "corrupt or stale" in lines[0]
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, rebuilt))
-    monkeypatch.setattr(data, "_sample", no_tokenizing)
+    monkeypatch.setattr(data, "_tokenize_rows", no_tokenizing)
     data.build_samples(path, tokenizer, 100, **kw)
 
     # truncated (a crash mid-write elsewhere, a full disk) -> rebuilt as well
-    monkeypatch.setattr(data, "_sample", real_sample)
+    monkeypatch.setattr(data, "_tokenize_rows", real_tokenize)
     file.write_bytes(file.read_bytes()[:100])
     lines.clear()
     assert len(data.build_samples(path, tokenizer, 100, **{**kw, "log": lines.append})) == 2
     assert len(lines) == 1 and "corrupt or stale" in lines[0]
 
     # a different max_length or changed file content is a different key, not a stale hit
-    monkeypatch.setattr(data, "_sample", real_sample)
+    monkeypatch.setattr(data, "_tokenize_rows", real_tokenize)
     data.build_samples(path, tokenizer, 99, **kw)
     write(tmp_path, [chat("changed")])
     changed = data.build_samples(path, tokenizer, 100, **kw)
@@ -332,3 +332,109 @@ def test_inspect_colours_on_a_tty_and_rejects_bad_rows(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         data.main(args[:-1] + ["x:y"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --rows 'x:y' is not")
+
+
+# --- batched tokenization, JSON / JSONL input -------------------------------------------------------
+
+@needs_tokenizer
+@pytest.mark.parametrize("name,max_length", [("retool_like_sample.parquet", None), ("glaive_toolcall_300.parquet", None),
+                                             ("retool_like_sample.parquet", 300), ("glaive_toolcall_300.parquet", 150)])
+def test_batched_tokenization_equals_row_by_row(tokenizer, name, max_length):
+    # encode_batch over chunks (7 rows: chunk boundaries inside the file) == _sample row by row,
+    # ids and masks bit for bit, truncated both ways where rows are longer than max_length
+    path = REFERENCE / name
+    rows = list(data._iter_rows(path))
+    for truncation in ("left", "right") if max_length else ("error",):
+        batched, dropped = data._tokenize_rows(tokenizer, [path], {}, max_length, truncation, print, chunk_rows=7)
+        single = [data._sample(tokenizer, m, t, max_length, truncation, w) for w, m, t in rows]
+        assert max_length is None or any(len(data._sample(tokenizer, m, t, None, "error", w)[0]) > max_length
+                                         for w, m, t in rows)  # truncation happens
+        single = [s for s in single if s[1].any()]
+        assert len(batched) == len(single) == len(rows) - dropped
+        for (ids, mask), (ids1, mask1) in zip(batched, single):
+            assert ids.dtype == ids1.dtype == np.int64 and mask.dtype == mask1.dtype == np.uint8
+            assert np.array_equal(ids, ids1) and np.array_equal(mask, mask1)
+
+
+@needs_tokenizer
+def test_progress_line_for_long_builds(tokenizer, monkeypatch):
+    clock = iter(range(0, 1000, 3))  # every time.time() call advances 3 s
+    monkeypatch.setattr(data.time, "time", lambda: float(next(clock)))
+    lines = []
+    data._tokenize_rows(tokenizer, [REFERENCE / "retool_like_sample.parquet"], {}, None, "error", lines.append,
+                        chunk_rows=3)
+    assert lines and all(line.startswith("data: tokenized ") and "rows/s | eta " in line for line in lines)
+    assert lines[-1].startswith("data: tokenized 8 / 8 rows") and len(lines) <= 3
+
+
+def write_json(path, rows, lines):
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) if lines else json.dumps(rows, indent=1)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", ["retool_like_sample.parquet", "glaive_toolcall_300.parquet"])
+def test_json_and_jsonl_read_like_parquet(tmp_path, name):
+    # ReTool layout (structs, parquet's null-filled keys written out) and glaive (JSON-string tools
+    # and arguments): the same rows as .jsonl / .json normalise to exactly what parquet gives.
+    if not REFERENCE.is_dir():
+        pytest.skip("shared/reference is not present")
+    rows = pq.read_table(REFERENCE / name).to_pylist()
+    want = data.read_rows(REFERENCE / name)
+    assert data.read_rows(write_json(tmp_path / "d.jsonl", rows, lines=True)) == want
+    assert data.read_rows(write_json(tmp_path / "d.json", rows, lines=False)) == want
+
+
+@needs_tokenizer
+def test_json_dump_gives_the_parquet_samples(tokenizer):
+    # the reference .json dump of the ReTool parquet, rows as written (nulls as the dump has them)
+    a = data.build_samples(REFERENCE / "retool_like_sample.json", tokenizer, None)
+    b = data.build_samples(REFERENCE / "retool_like_sample.parquet", tokenizer, None)
+    assert len(a) == len(b) == 8
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("bad.jsonl", '{"messages": []}\n\n{"messages": [}\n', r"line 3 of .*bad\.jsonl is not valid JSON \(.* at column 15\); "
+                                                            r"fix or remove that line\."),
+    ("bad.json", '[\n{"messages": []},\n{oops}\n]', r"bad\.json is not valid JSON \(.* at line 3, column 2\); fix the file"),
+    ("obj.json", '{"messages": []}', r"obj\.json holds a JSON dict, not a list of rows"),
+    ("row.jsonl", '[1, 2]\n', r"row 0 of .*row\.jsonl is a list, not an object of columns\."),
+    ("col.jsonl", '{"msgs": []}\n', r"col\.jsonl has no column 'messages' \(it has msgs\)"),
+    ("bin.jsonl", b'{"messages": "\xff"}\n', r"bin\.jsonl is not UTF-8 text"),
+])
+def test_bad_json_files(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(data.DataError, match=message) as e:
+        data.read_rows(path)
+    assert "\n" not in str(e.value) and str(e.value).endswith(".")
+
+
+def test_directory_of_mixed_files(tmp_path):
+    write(tmp_path, [chat("a")], "a.parquet")
+    write_json(tmp_path / "b.jsonl", [chat("b"), chat("c\u2028d")], lines=True)  # U+2028 inside a string
+    write_json(tmp_path / "c.json", [chat("e")], lines=False)
+    (tmp_path / "notes.txt").write_text("ignored")
+    assert [m[0]["content"] for m, _ in data.read_rows(tmp_path)] == ["a", "b", "c\u2028d", "e"]
+    with pytest.raises(data.DataError, match=r"row 0 of .*b\.jsonl: message 0 has unknown role"):
+        write_json(tmp_path / "b.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}], lines=True)
+        data.read_rows(tmp_path)
+
+
+def test_micro_batches_need_no_collective():
+    # every rank's count is computed locally: all ranks agree on the number of micro-batches, and
+    # the ranks' samples together are the batch, for fixed sizes (dividing or not) and token budgets
+    lengths = np.random.default_rng(0).integers(1, 60, 40)
+    samples = [(np.arange(n), np.ones(n, dtype=np.uint8)) for n in lengths]
+    batch = np.random.default_rng(1).permutation(40)[:24]
+    for kw in (dict(micro_batch_size=3), dict(micro_batch_size=4, packed=False), dict(max_tokens=64),
+               dict(micro_batch_size=2, max_tokens=None)):
+        for dp_size in (1, 3, 5):
+            out = [data.micro_batches(samples, batch, dp_rank=r, dp_size=dp_size, lengths=lengths, **kw)
+                   for r in range(dp_size)]
+            assert len({len(micro) for micro, _ in out}) == 1
+            seen = sorted(len(ids) for _, mine in out for ids, _ in mine)
+            assert seen == sorted(lengths[batch].tolist())
+            for micro, mine in out:  # padding micro-batches train nothing
+                assert sum(int((m["labels"] != -100).sum()) for m in micro) == sum(len(i) - 1 for i, _ in mine)

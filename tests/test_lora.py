@@ -3,7 +3,6 @@ checkpoints, and the trainer's step equalities / resume with only the adapters t
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,10 +10,9 @@ from safetensors.torch import load_file
 import checkpoint
 import demo
 import model as M
-import parallel
 import train
 from test_resume import job_args, metrics, run_train
-from test_train import LENGTHS, TINY, samples
+from test_train import TINY, one_step, tiny_model
 from tests_util import distributed
 
 
@@ -180,13 +178,8 @@ def _lora_step_worker(rank, world_size, model_dir, variants, save_dir):
                                  "model.lora_alpha=8", "model.target_modules=[q_proj,v_proj,o_proj,up_proj,down_proj]",
                                  f"trainer.default_local_dir={save_dir}", "optim.lr=1e-2", "optim.weight_decay=0.1"])
         train.validate(args, world_size)
-        world_mesh, dp_sp = parallel.build_meshes("cpu", world_size, args.sp_size)
-        model = train.build_model(args, torch.device("cpu"), world_mesh, dp_sp["sp"].get_group())
-        ctx = dict(device=torch.device("cpu"), pad_id=0, dp_rank=dp_sp["dp"].get_local_rank(),
-                   dp_size=world_size // args.sp_size, sp_rank=dp_sp["sp"].get_local_rank(),
-                   dp_group=dp_sp["dp"].get_group(), world_size=world_size)
-        micro, _ = train.step_micro_batches(samples(), np.array(LENGTHS), np.arange(8), args, ctx)
-        loss, n_tokens = train.forward_backward(model, micro, args, ctx)
+        model, ctx = tiny_model(args, world_size)
+        loss, n_tokens = one_step(model, args, ctx)
         trained = [p for p in model.parameters() if p.requires_grad]
         assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, 1e9).full_tensor())  # (all ranks)

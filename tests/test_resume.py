@@ -57,9 +57,11 @@ def test_resume_is_exact_mid_epoch_and_across_epoch_boundary(tiny_job, tmp_path)
     run_train(job_args(tiny_job, straight, *sp2))
     # 12 steps = 2 epochs of 6. Stop at 3 (mid-epoch 0), resume to 8 (across the boundary), resume to 12,
     # keeping at most 2 checkpoints; the second resume runs with dp=2 instead of sp=2 (layout-free state).
-    run_train(job_args(tiny_job, pieces, *sp2, "trainer.total_training_steps=3"))
+    # The pieces also switch sharding: HSDP (fsdp_size=1: 2 replicas) -> FSDP -> HSDP.
+    hsdp = "model.fsdp_config.fsdp_size=1"
+    run_train(job_args(tiny_job, pieces, *sp2, hsdp, "trainer.total_training_steps=3"))
     run_train(job_args(tiny_job, pieces, *sp2, "trainer.total_training_steps=8", "trainer.max_ckpt_to_keep=2"))
-    run_train(job_args(tiny_job, pieces, "trainer.max_ckpt_to_keep=2"))
+    run_train(job_args(tiny_job, pieces, hsdp, "trainer.max_ckpt_to_keep=2"))
     a, b = metrics(straight), metrics(pieces)
     assert [r["step"] for r in b] == list(range(1, 13)) == [r["step"] for r in a]
     for ra, rb in zip(a, b):

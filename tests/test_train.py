@@ -77,6 +77,10 @@ def test_bad_command_lines(argv, message):
     ([], 1, "data file x does not exist"),
     (["data.max_length=0"], 1, "data.max_length=0 must be at least 1"),
     (["optim.warmup_steps_ratio=2"], 1, "warmup_steps_ratio in \\[0, 1\\]"),
+    (["model.fsdp_config.fsdp_size=3"], 4, r"fsdp_size=3 must be -1 \(shard over all 4 processes\) or one of \[1, 2, 4\]"),
+    (["model.fsdp_config.fsdp_size=0"], 2, r"fsdp_size=0 must be -1"),
+    (["model.fsdp_config.fsdp_size=4", "data.train_batch_size=4", "data.micro_batch_size_per_gpu=1"], 2,
+     r"fsdp_size=4 must be -1"),
 ])
 def test_bad_combinations(extra, world, message):
     # each combination error comes before the file checks, so the paths need not exist
@@ -111,6 +115,20 @@ def samples():
     return out
 
 
+def tiny_model(args, world_size, fsdp_size=-1, compute_dtype=None):
+    world_mesh, dp_sp = parallel.build_meshes("cpu", world_size, args.sp_size, fsdp_size)
+    dp_rank, dp_size = dp_sp["dp"].get_local_rank(), world_size // args.sp_size
+    model = train.build_model(args, torch.device("cpu"), world_mesh, dp_sp["sp"].get_group(), compute_dtype=compute_dtype)
+    ctx = dict(device=torch.device("cpu"), pad_id=0, sp_rank=dp_sp["sp"].get_local_rank(),
+               dp_group=dp_sp["dp"].get_group(), world_size=world_size, layout=train.batch_layout(args, dp_rank, dp_size, 0))
+    return model, ctx
+
+
+def one_step(model, args, ctx, batch=np.arange(8)):
+    micro, _ = data.micro_batches(samples(), batch, lengths=np.array(LENGTHS), **ctx["layout"])
+    return train.forward_backward(model, micro, args, ctx)
+
+
 def _step_worker(rank, world_size, model_dir, variants, save_dir):
     results = []
     for v in variants:
@@ -121,16 +139,12 @@ def _step_worker(rank, world_size, model_dir, variants, save_dir):
                                  f"trainer.default_local_dir={save_dir}", "optim.lr=1e-2",
                                  f"data.use_dynamic_bsz={'dynamic' in v}", f"data.max_token_len_per_gpu={v.get('dynamic', 20)}"])
         train.validate(args, world_size)
-        world_mesh, dp_sp = parallel.build_meshes("cpu", world_size, args.sp_size)
-        dp_rank, dp_size = dp_sp["dp"].get_local_rank(), world_size // args.sp_size
-        model = train.build_model(args, torch.device("cpu"), world_mesh, dp_sp["sp"].get_group(),
-                                  compute_dtype=torch.bfloat16 if v.get("bf16") else None)
-        ctx = dict(device=torch.device("cpu"), pad_id=0, dp_rank=dp_rank, dp_size=dp_size,
-                   sp_rank=dp_sp["sp"].get_local_rank(), dp_group=dp_sp["dp"].get_group(), world_size=world_size)
-        micro, _ = train.step_micro_batches(samples(), np.array(LENGTHS), np.arange(8), args, ctx)
-        loss, n_tokens = train.forward_backward(model, micro, args, ctx)
+        model, ctx = tiny_model(args, world_size, v.get("fsdp", -1), torch.bfloat16 if v.get("bf16") else None)
+        loss, n_tokens = one_step(model, args, ctx)
         grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
-        results.append((loss, n_tokens, grads))
+        # clip_grad_norm_ over DTensor gradients (2-D on HSDP) must give the global norm
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+        results.append((loss, n_tokens, grads, float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)))
         if v.get("save"):
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
             optimizer.step()
@@ -163,7 +177,9 @@ def two_processes(model_dir, tmp_path_factory):
     save = tmp_path_factory.mktemp("s2")
     variants = [dict(sp=1, mbs=4, packed=True), dict(sp=2, mbs=4, packed=True), dict(sp=2, mbs=1, packed=True),
                 dict(sp=1, mbs=2, packed=False, save=True), dict(sp=1, mbs=4, packed=True, dynamic=24),
-                dict(sp=2, mbs=4, packed=True, dynamic=10), dict(sp=2, mbs=2, packed=True, bf16=True)]
+                dict(sp=2, mbs=4, packed=True, dynamic=10), dict(sp=2, mbs=2, packed=True, bf16=True),
+                dict(sp=1, mbs=4, packed=True, fsdp=1), dict(sp=1, mbs=1, packed=True, fsdp=1),
+                dict(sp=1, mbs=2, packed=True, fsdp=2), dict(sp=2, mbs=2, packed=True, fsdp=1, dynamic=12)]
     return distributed.run(_step_worker, 2, model_dir, variants, save), save
 
 
@@ -172,6 +188,7 @@ def assert_same_step(a, b):
     assert a[0] == pytest.approx(b[0], rel=1e-5)
     for k in a[2]:
         torch.testing.assert_close(a[2][k], b[2][k], rtol=1e-5, atol=1e-7)
+    assert a[3] == pytest.approx(b[3], rel=1e-5)  # grad norm
 
 
 @pytest.mark.parametrize("i,what", [(1, "micro-batch 1 == 4"), (2, "padded == packed"), (3, "recompute == none"),
@@ -182,10 +199,54 @@ def test_one_process_equalities(one_process, i, what):
 
 @pytest.mark.parametrize("i,what", [(0, "dp=2 == dp=1"), (1, "sp=2 == sp=1"), (2, "sp=2 mbs=1 == sp=1"),
                                     (3, "dp=2 padded mbs=2 == dp=1"), (5, "dp=2 token budget == dp=1"),
-                                    (6, "sp=2 token budget == sp=1")])
+                                    (6, "sp=2 token budget == sp=1"), (8, "hsdp fsdp_size=1 (replicated) == dp=1"),
+                                    (9, "fsdp_size=1 mbs=1 (no_sync skips the all-reduce) == dp=1"),
+                                    (10, "fsdp_size=2 (= world, plain FSDP) == dp=1"),
+                                    (11, "fsdp_size=1 sp=2 token budget == dp=1")])
 def test_two_process_equalities(one_process, two_processes, i, what):
     for rank_result in two_processes[0]:
         assert_same_step(rank_result[i], one_process[0])
+
+
+def _resume_worker(rank, world_size, model_dir, out, layouts):
+    """Per (a, b): two steps with fsdp_size=a, a checkpoint after the first; then the second step
+    again after resuming that checkpoint into fsdp_size=b. Returns (loss, weights) of step 2 both ways."""
+    cpu, results = torch.device("cpu"), []
+    for a, b in layouts:
+        args = train.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}",
+                                 "data.train_batch_size=4", "data.micro_batch_size_per_gpu=1", "use_remove_padding=true",
+                                 "trainer.device=cpu", "model.enable_gradient_checkpointing=false",
+                                 f"trainer.default_local_dir={out / f'{a}_to_{b}'}"])
+        runs = []
+        for fsdp_size, resumed in ((a, False), (b, True)):
+            model, ctx = tiny_model(args, world_size, fsdp_size)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 ** s)
+            if resumed:
+                checkpoint.load_checkpoint(out / f"{a}_to_{b}" / "global_step_1", model, optimizer, scheduler, args,
+                                           rank, cpu)
+            for step in (1,) if resumed else (0, 1):
+                loss, _ = one_step(model, args, ctx, batch=np.arange(4) + 4 * step)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # (all ranks) clips: the norm matters
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if step == 0:
+                    position = dict(step=1, epoch=0, next_batch=1, skipped=0, consecutive_skips=0)
+                    checkpoint.save_checkpoint(model, optimizer, scheduler, TINY, args, position, rank, cpu)
+            runs.append((loss, {k: t.full_tensor() for k, t in model.state_dict().items()}))
+        results.append(runs)
+    return results
+
+
+def test_resume_across_hsdp_and_fsdp_layouts(model_dir, tmp_path):
+    # world 2: fsdp_size=1 is HSDP (2 replicas of 1 shard), 2 and -1 are plain FSDP over both ranks
+    layouts = [(1, 2), (-1, 1)]
+    for rank_result in distributed.run(_resume_worker, 2, model_dir, tmp_path, layouts):
+        for (a, b), ((loss_a, w_a), (loss_b, w_b)) in zip(layouts, rank_result):
+            assert loss_b == pytest.approx(loss_a, rel=1e-6), (a, b)
+            for k in w_a:
+                torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-6, atol=1e-8)
 
 
 def test_loss_is_token_mean(one_process, model_dir):
