@@ -337,18 +337,20 @@ def test_inspect_colours_on_a_tty_and_rejects_bad_rows(capsys, monkeypatch):
 # --- batched tokenization, JSON / JSONL input -------------------------------------------------------
 
 @needs_tokenizer
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])
 @pytest.mark.parametrize("name,max_length", [("retool_like_sample.parquet", None), ("glaive_toolcall_300.parquet", None),
                                              ("retool_like_sample.parquet", 300), ("glaive_toolcall_300.parquet", 150)])
-def test_batched_tokenization_equals_row_by_row(tokenizer, name, max_length):
+def test_batched_tokenization_equals_row_by_row(tokenizer, name, max_length, family):
     # encode_batch over chunks (7 rows: chunk boundaries inside the file) == _sample row by row,
     # ids and masks bit for bit, truncated both ways where rows are longer than max_length
     path = REFERENCE / name
     rows = list(data._iter_rows(path))
     for truncation in ("left", "right") if max_length else ("error",):
-        batched, dropped = data._tokenize_rows(tokenizer, [path], {}, max_length, truncation, print, chunk_rows=7)
-        single = [data._sample(tokenizer, m, t, max_length, truncation, w) for w, m, t in rows]
-        assert max_length is None or any(len(data._sample(tokenizer, m, t, None, "error", w)[0]) > max_length
-                                         for w, m, t in rows)  # truncation happens
+        batched, dropped, _ = data._tokenize_rows(tokenizer, family, [path], {}, max_length, truncation, print,
+                                                  chunk_rows=7)
+        single = [data._sample(tokenizer, family, m, t, e, max_length, truncation, w) for w, m, t, e in rows]
+        assert max_length is None or any(len(data._sample(tokenizer, family, m, t, e, None, "error", w)[0]) > max_length
+                                         for w, m, t, e in rows)  # truncation happens
         single = [s for s in single if s[1].any()]
         assert len(batched) == len(single) == len(rows) - dropped
         for (ids, mask), (ids1, mask1) in zip(batched, single):
@@ -361,8 +363,8 @@ def test_progress_line_for_long_builds(tokenizer, monkeypatch):
     clock = iter(range(0, 1000, 3))  # every time.time() call advances 3 s
     monkeypatch.setattr(data.time, "time", lambda: float(next(clock)))
     lines = []
-    data._tokenize_rows(tokenizer, [REFERENCE / "retool_like_sample.parquet"], {}, None, "error", lines.append,
-                        chunk_rows=3)
+    data._tokenize_rows(tokenizer, "qwen2.5", [REFERENCE / "retool_like_sample.parquet"], {}, None, "error",
+                        lines.append, chunk_rows=3)
     assert lines and all(line.startswith("data: tokenized ") and "rows/s | eta " in line for line in lines)
     assert lines[-1].startswith("data: tokenized 8 / 8 rows") and len(lines) <= 3
 
