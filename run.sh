@@ -15,7 +15,7 @@ EVAL_DATA=${EVAL_DATA:-$TRAIN_DATA}
 MODEL_PATH=${MODEL_PATH:-$HDFS_ROOT/model/Qwen2.5-0.5B-Instruct}
 SAVE_PATH=${SAVE_PATH:-$DATA_ROOT/checkpoint/$experiment_name}
 
-extra=()
+extra=(); chat_template=auto
 if [ ! -f "$MODEL_PATH/config.json" ] || [ ! -e "$TRAIN_DATA" ]; then
   echo "run.sh: $MODEL_PATH or $TRAIN_DATA not found; using the embedded default instead:"
   echo "        a small random-init Qwen2 and a synthetic ReTool-style dataset (python demo.py demo)."
@@ -23,6 +23,7 @@ if [ ! -f "$MODEL_PATH/config.json" ] || [ ! -e "$TRAIN_DATA" ]; then
   MODEL_PATH=$PWD/demo/model; TRAIN_DATA=$PWD/demo/data/train.parquet; EVAL_DATA=$PWD/demo/data/val.parquet
   extra+=(optim.lr=2e-3)  # a random-init model learns nothing visible at the fine-tuning lr of 1e-5
   extra+=(data.chat_template=qwen2.5)  # the demo model ships no chat template; its rows use Qwen2.5's
+  chat_template=qwen2.5  # ... and so does generate.py below
 fi
 
 if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" = 0 ]; then
@@ -45,3 +46,12 @@ fi
   trainer.default_local_dir="$SAVE_PATH" trainer.project_name=wuxibin-multiturn-sft \
   trainer.experiment_name="$experiment_name" trainer.logger='["console"]' trainer.total_epochs=2 \
   ulysses_sequence_parallel_size=2 use_remove_padding=true "${extra[@]}" "$@"
+
+# One reply of the final checkpoint to the first validation row's first assistant turn (a tool call in
+# ReTool data), beside the reference, and where the loss curve is (when the run saved into SAVE_PATH).
+if [ "${NODE_RANK:-0}" = 0 ] && [ -f "$SAVE_PATH/latest_checkpointed_iteration.txt" ]; then
+  ckpt=$SAVE_PATH/global_step_$(cat "$SAVE_PATH/latest_checkpointed_iteration.txt")/huggingface
+  "$PYTHON" generate.py "$ckpt" --data "$EVAL_DATA" --rows 0 --turn 0 --max_new_tokens 200 \
+    --chat_template "$chat_template"
+  echo "run.sh: loss curve in $SAVE_PATH/loss.png"
+fi

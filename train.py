@@ -28,6 +28,7 @@ import checkpoint
 import data
 import model as M
 import parallel
+import plot
 import templates
 
 
@@ -500,6 +501,7 @@ def run(args):
                layout=batch_layout(args, dp_rank, dp_size, pad_id))
     peak = M.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    plotting = rank == 0  # rank 0 draws loss.png at each save; off once it could not (said once, not per save)
     loggers = make_loggers(args, out, vars(args)) if rank == 0 else []
     step, skipped, consecutive = position["step"], position["skipped"], position["consecutive_skips"]
     t_start, first_step = time.time(), position["step"]
@@ -558,7 +560,9 @@ def run(args):
                 resume_at = dict(step=step, epoch=nxt[0], next_batch=nxt[1], skipped=skipped,
                                  consecutive_skips=consecutive)
                 path = checkpoint.save_checkpoint(model, optimizer, scheduler, cfg, args, resume_at, rank, device)
-                log(f"saved {path}")
+                png = plot.plot_metrics(out, f"{args.project_name}/{args.experiment_name}", log) if plotting else None
+                plotting = png is not None
+                log(f"saved {path}" + (f"; loss curve {png}" if png else ""))
             if stopping:
                 log(f"stopped by signal after step {step}; rerun the same command to resume from {path}.")
                 dist.destroy_process_group()

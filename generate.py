@@ -1,0 +1,208 @@
+"""Sample replies from a checkpoint with our own model and a KV cache, beside the data's replies.
+
+    python generate.py CHECKPOINT_DIR --data FILE.parquet [--rows 0:3] [--turn -1] [--max_new_tokens 512]
+        [--temperature 0] [--top_p 1.0] [--seed 0] [--chat_template auto] [--enable_thinking true] [--jsonl OUT]
+    python generate.py CHECKPOINT_DIR --prompt "What is 17 * 23?"
+
+CHECKPOINT_DIR is any HF model dir model.py loads: a run's global_step_N/huggingface/ or the
+original model. Each row's conversation before its LAST assistant turn (or --turn N) is rendered
+with the model's chat template plus the generation prompt, and the reply is generated one token at
+a time until <|im_end|> or an eos id of generation_config.json. CUDA in bf16 when there is one, else CPU in fp32.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+import templates
+
+HEADER, END = "<|im_start|>assistant\n", "<|im_end|>"
+
+
+class GenerateError(Exception):
+    """A user-caused problem with the arguments or the rows; the message is one sentence with the fix."""
+
+
+# --------------------------------------------------------------------------- KV cache and sampling
+
+def cached_attention(state, capacity, prefill):
+    """An attn_fn that appends the new post-RoPE k/v (n, Hkv, D) to this layer's cache and attends the
+    new q (n, H, D) over every cached key, causal within the new tokens. The first call (the prompt,
+    nothing cached yet) is plain causal attention: the layer's own attn_fn (Triton kernel on CUDA)."""
+    cache = {}
+
+    def attn(q, k, v, cu_seqlens, max_seqlen):
+        n, past = q.shape[0], state["len"]
+        if not cache:  # one buffer per layer for prompt + every new token: no reallocation per step
+            cache["k"] = k.new_empty(capacity, *k.shape[1:])  # (capacity, Hkv, D)
+            cache["v"] = v.new_empty(capacity, *v.shape[1:])
+        cache["k"][past:past + n], cache["v"][past:past + n] = k, v
+        if past == 0:
+            return prefill(q, k, v, cu_seqlens, max_seqlen)
+        keys, values = cache["k"][:past + n], cache["v"][:past + n]  # (L, Hkv, D), L = past + n
+        # New token i sits at position past + i and sees keys 0 .. past + i.
+        pos = torch.arange(past + n, device=q.device)
+        keep = pos[None, :] <= pos[past:, None]  # (n, L)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                           attn_mask=keep, enable_gqa=True)  # (H, n, D); head h reads kv h // (H/Hkv)
+        return o.transpose(0, 1)  # (n, H, D)
+    return attn
+
+
+def next_token(logits, temperature, top_p, generator):
+    """Greedy at temperature 0; else a draw from softmax(logits / T) cut to its top-p head."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    # On CPU with a CPU generator: the same seed draws the same tokens on any device.
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest head with mass >= top_p (>= 1 token)
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))  # multinomial renormalises
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None):
+    """New token ids after prompt_ids (a list of ints), ending with the stop id when one was drawn. The
+    prompt goes through once; then each step feeds the last token at position past_len, and only that
+    position goes through the LM head."""
+    device = model.lm_head.weight.device
+    state, layers = {"len": 0}, [layer.self_attn for layer in model.model.layers]
+    originals = [a.attn_fn for a in layers]
+    for a in layers:
+        a.attn_fn = cached_attention(state, len(prompt_ids) + max_new_tokens, a.attn_fn)
+    out, ids = [], torch.tensor(prompt_ids, dtype=torch.long, device=device)
+    try:
+        while len(out) < max_new_tokens:
+            n = ids.numel()
+            cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=device)
+            position_ids = state["len"] + torch.arange(n, device=device)
+            h = model.hidden_states(ids, cu_seqlens, position_ids, n)  # (n, C)
+            state["len"] += n
+            out.append(next_token(model.lm_head(h[-1]).float(), temperature, top_p, generator))
+            if out[-1] in stop_ids:
+                break
+            ids = torch.tensor(out[-1:], dtype=torch.long, device=device)
+    finally:
+        for a, fn in zip(layers, originals):  # the model is left as it was given
+            a.attn_fn = fn
+    return out
+
+
+# --------------------------------------------------------------------------- prompts and references
+
+def prompt_and_reference(family, messages, tools, enable_thinking, where, turn=-1):
+    """The chat text before one assistant turn (by default the LAST) plus the generation prompt,
+    and that turn as the template writes it after the generation prompt (without its <|im_end|>)."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]  # with a prompt before
+    if not -len(turns) <= turn < len(turns):
+        raise GenerateError(f"{where} has {len(turns)} assistant turns after a prompt, so --turn {turn} names none; "
+                            "pick rows with replies, another --turn, or ask a free question with --prompt.")
+    i = turns[turn]
+    kw = dict(enable_thinking=enable_thinking)
+    prompt, _ = templates.render(family, messages[:i], tools, add_generation_prompt=True, **kw)
+    full, _ = templates.render(family, messages[:i + 1], tools, **kw)
+    # Cut what the generation prompt already holds (Qwen3's empty think block without thinking).
+    reference = full[full.rfind(HEADER) + len(HEADER):].removeprefix(prompt[prompt.rfind(HEADER) + len(HEADER):])
+    return prompt, reference[:reference.rfind(END)] if END in reference else reference
+
+
+def parse_rows(spec, n):
+    """`A:B` (either end may be empty) or one row `A` -> range; B is clipped to the n rows."""
+    a, colon, b = spec.partition(":")
+    if not (a or "0").isdigit() or not (b or "0").isdigit():
+        raise GenerateError(f"--rows {spec!r} is not a row A or a range A:B of non-negative integers.")
+    lo = int(a or 0)
+    hi = min(n, int(b) if b else n) if colon else lo + 1
+    if lo >= min(hi, n):
+        raise GenerateError(f"--rows {spec!r} selects no row of the {n} in the file; pick rows in 0:{n}.")
+    return range(lo, hi)
+
+
+def stop_ids(model_dir, tokenizer):
+    """<|im_end|> plus generation_config.json's eos ids (an int or a list; config.json's when absent)."""
+    path = next(p for p in (model_dir / "generation_config.json", model_dir / "config.json") if p.is_file())
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except json.JSONDecodeError as e:
+        raise GenerateError(f"{path} is not valid JSON ({e}); restore the file.") from None
+    return {tokenizer.token_to_id(END), *(eos if isinstance(eos, list) else [eos])} - {None}
+
+
+# --------------------------------------------------------------------------- CLI
+
+def run(args):
+    model_dir = Path(args.checkpoint)
+    if not (model_dir / "config.json").is_file():
+        raise GenerateError(f"{model_dir} has no config.json; pass a Hugging Face model dir, e.g. "
+                            "SAVE_PATH/global_step_N/huggingface.")
+    if (args.data is None) == (args.prompt is None):
+        raise GenerateError("pass exactly one of --data FILE.parquet and --prompt TEXT.")
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise GenerateError("--max_new_tokens must be >= 1, --temperature >= 0 and --top_p in (0, 1].")
+    family = templates.detect(model_dir, args.chat_template)
+    thinking = args.enable_thinking == "true"
+    if args.prompt is not None:
+        user = [{"role": "user", "content": args.prompt}]
+        items = [("prompt", templates.render(family, user, enable_thinking=thinking, add_generation_prompt=True)[0],
+                  None)]
+    else:
+        rows = data.read_rows(args.data)  # [(messages, tools)]: the one call into data.py's reader
+        # Every row is checked before the model loads: a bad row costs no wait.
+        items = [(r, *prompt_and_reference(family, *rows[r], thinking, f"row {r} of {args.data}", args.turn))
+                 for r in parse_rows(args.rows, len(rows))]
+    tokenizer = data.load_tokenizer(model_dir)
+    stop = stop_ids(model_dir, tokenizer)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = M.load_pretrained(model_dir, dtype=dtype, device=device).eval()
+    print(f"model: {model_dir} ({family} template, {device.type} {str(dtype).removeprefix('torch.')})")
+    generator = torch.Generator().manual_seed(args.seed)
+    records = []
+    for row, prompt, reference in items:
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        t0 = time.time()
+        new = generate(model, ids, args.max_new_tokens, stop, args.temperature, args.top_p, generator)
+        stopped = bool(new) and new[-1] in stop
+        reply = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=False)
+        print(f"=== {'row ' * (row != 'prompt')}{row}: {len(ids)} prompt tokens, {len(new)} new in "
+              f"{time.time() - t0:.1f}s ({'stopped at eos' if stopped else 'max_new_tokens reached'})")
+        print(f"--- reply:\n{reply}" + (f"\n--- reference:\n{reference}" if reference is not None else ""))
+        records.append({"row": row, "prompt": prompt, "reply": reply, "reference": reference})
+    if args.jsonl:
+        Path(args.jsonl).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("checkpoint", help="HF model dir: SAVE_PATH/global_step_N/huggingface or the original model")
+    a("--data", default=None, help="parquet file (or dir) of conversations to reply to")
+    a("--prompt", default=None, help="one user message instead of --data")
+    a("--rows", default="0:3", help="row range A:B of --data, or one row A (default 0:3)")
+    a("--turn", type=int, default=-1, help="the assistant turn to reply in place of: -1 the last, 0 the first")
+    a("--max_new_tokens", type=int, default=512, help="stop after this many new tokens")
+    a("--temperature", type=float, default=0.0, help="0 = greedy")
+    a("--top_p", type=float, default=1.0, help="sample only from the top-p probability mass")
+    a("--seed", type=int, default=0, help="seeds the sampling")
+    a("--chat_template", default="auto", choices=["auto", "qwen2.5", "qwen3", "qwen3-instruct-2507"],
+      help="as data.chat_template: auto recognises the model dir's template")
+    a("--enable_thinking", default="true", choices=["true", "false"],
+      help="Qwen3: false puts the empty think block into the prompt")
+    a("--jsonl", default=None, help="also write {row, prompt, reply, reference} per row here")
+    try:
+        run(p.parse_args(argv))
+    except (GenerateError, M.ModelError, data.DataError, templates.TemplateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
