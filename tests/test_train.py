@@ -322,3 +322,49 @@ def test_bf16_compute_recipe_is_close_to_fp32(one_process, two_processes):
         assert bf16[2][k].dtype == torch.float32
         err = (bf16[2][k] - ref[2][k]).norm() / ref[2][k].norm().clamp(min=1e-12)
         assert err < 0.05, k
+
+
+def test_qwen3_real_tokenizer_sp2_equals_sp1_and_dp2(tmp_path):
+    """A tiny random Qwen3 with the real Qwen3 tokenizer files (its template recognised from
+    tokenizer_config.json) trained on the Qwen3 reference conversations (reasoning, tools, per-row
+    enable_thinking) as JSONL: sp=2 and dp=2 on 2 gloo processes == 1 process, loss and grad norm."""
+    import json
+    import shutil
+    from conftest import REFERENCE
+    from test_resume import metrics, run_train
+    qwen3 = REFERENCE / "qwen3"
+    if not qwen3.is_dir():
+        pytest.skip("../shared/reference not present")
+    model_dir = tmp_path / "model"
+    cfg = {**json.loads((qwen3 / "config.json").read_text()), "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    m = M.build_random(cfg, seed=5)
+    with torch.no_grad():  # q_norm / k_norm away from ones so Ulysses must carry them right
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    M.save_pretrained(m, model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(qwen3 / name, model_dir / name)
+    cases = json.loads((qwen3 / "chat_template_cases.json").read_text())["cases"]
+    rows = [{"messages": c["messages"], "tools": c["tools"], "enable_thinking": c["kwargs"].get("enable_thinking")}
+            for c in cases if c["messages"][-1]["role"] == "assistant"
+            and all(isinstance(msg.get("content"), (str, type(None))) for msg in c["messages"])]
+    assert len(rows) >= 16 and any(r["enable_thinking"] is False for r in rows)
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for name, nproc, extra in (("sp1", 1, []), ("sp2", 2, ["ulysses_sequence_parallel_size=2"]), ("dp2", 2, [])):
+        out = tmp_path / name
+        p = run_train([f"data.train_files={train_file}", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2",
+                       "data.multiturn.enable=true", f"model.partial_pretrain={model_dir}", "trainer.total_epochs=1",
+                       "trainer.total_training_steps=2", "use_remove_padding=true", "trainer.device=cpu",
+                       "data.max_length=1024", "optim.lr=1e-3", f"trainer.default_local_dir={out}", *extra], nproc=nproc)
+        assert "chat template: qwen3 (recognised in the model dir)" in p.stdout
+        runs[name] = metrics(out)
+    for name in ("sp2", "dp2"):
+        assert [r["step"] for r in runs[name]] == [1, 2]
+        for a, b in zip(runs[name], runs["sp1"]):
+            assert a["train/trained_tokens"] == b["train/trained_tokens"]
+            assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+            assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
