@@ -26,12 +26,15 @@ timeout 240 "$PY" kernels/bench_attention.py 2>&1 | tee "$OUT/bench_attention.tx
 step "training step: ours vs plain (vs transformers when installed)"
 timeout 360 "$PY" bench.py --out "$OUT/bench_table.md" 2>&1 | tee "$OUT/bench.txt"
 
-step "trainer smoke: 1 GPU, embedded default, 5 steps"
 "$PY" demo.py "$OUT/demo" > /dev/null
-timeout 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
-  data.train_files="$OUT/demo/data/train.parquet" data.val_files="$OUT/demo/data/val.parquet" \
-  data.train_batch_size=16 data.micro_batch_size_per_gpu=2 data.multiturn.enable=true data.max_length=16384 \
-  model.partial_pretrain="$OUT/demo/model" trainer.total_training_steps=5 trainer.default_local_dir="$OUT/ckpt" \
-  use_remove_padding=true optim.lr=2e-3 2>&1 | grep -v "^config" | tail -12 | tee "$OUT/train.txt"
-rm -rf "$OUT/demo" "$OUT/ckpt"
+for lora in 0 8; do  # full fine-tuning, then LoRA (bf16 base, fp32 adapters)
+  step "trainer smoke: 1 GPU, embedded default, 5 steps, lora_rank=$lora"
+  timeout 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
+    data.train_files="$OUT/demo/data/train.parquet" data.val_files="$OUT/demo/data/val.parquet" \
+    data.train_batch_size=16 data.micro_batch_size_per_gpu=2 data.multiturn.enable=true data.max_length=16384 \
+    model.partial_pretrain="$OUT/demo/model" data.chat_template=qwen2.5 trainer.total_training_steps=5 \
+    trainer.default_local_dir="$OUT/ckpt$lora" model.lora_rank=$lora model.fsdp_config.model_dtype=$([ $lora = 0 ] && echo fp32 || echo bf16) \
+    use_remove_padding=true optim.lr=2e-3 2>&1 | grep -v "^config" | tail -12 | tee "$OUT/train_lora$lora.txt"
+done
+rm -rf "$OUT/demo" "$OUT"/ckpt*
 echo; echo "done: logs in $OUT/"
