@@ -1,4 +1,4 @@
-"""Multi-turn SFT of Qwen2 models with verl's fsdp_sft_trainer command line.
+"""Multi-turn SFT of Qwen2.5 / Qwen3 dense models (full or LoRA) with verl's fsdp_sft_trainer command line.
 
     torchrun --nproc_per_node=2 train.py data.train_files=... model.partial_pretrain=... \
         ulysses_sequence_parallel_size=2 use_remove_padding=true
