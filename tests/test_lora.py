@@ -12,7 +12,7 @@ import demo
 import model as M
 import train
 from test_resume import job_args, metrics, run_train
-from test_train import TINY, one_step, tiny_model
+from test_train import model_dir, one_step, tiny_model  # noqa: F401 (model_dir: a fixture)
 from tests_util import distributed
 
 
@@ -201,24 +201,17 @@ def _lora_step_worker(rank, world_size, model_dir, variants, save_dir):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    M.save_pretrained(M.build_random(TINY, seed=3), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def one_process(tiny_dir, tmp_path_factory):
+def one_process(model_dir, tmp_path_factory):
     variants = [dict(sp=1, mbs=4), dict(sp=1, mbs=1), dict(sp=1, mbs=2, ckpt=True)]
-    return distributed.run(_lora_step_worker, 1, tiny_dir, variants, tmp_path_factory.mktemp("s1"))[0]
+    return distributed.run(_lora_step_worker, 1, model_dir, variants, tmp_path_factory.mktemp("s1"))[0]
 
 
 @pytest.fixture(scope="module")
-def two_processes(tiny_dir, tmp_path_factory):
+def two_processes(model_dir, tmp_path_factory):
     save = tmp_path_factory.mktemp("s2")
     variants = [dict(sp=1, mbs=4, save=True), dict(sp=2, mbs=4), dict(sp=2, mbs=1, ckpt=True),
                 dict(sp=2, mbs=2, dtype="bf16")]
-    return distributed.run(_lora_step_worker, 2, tiny_dir, variants, save), save
+    return distributed.run(_lora_step_worker, 2, model_dir, variants, save), save
 
 
 def assert_same_step(a, b):
@@ -251,7 +244,7 @@ def test_bf16_base_fp32_adapters_under_fsdp(one_process, two_processes):
         assert (bf16["grads"][k] - ref["grads"][k]).norm() / ref["grads"][k].norm() < 0.05, k
 
 
-def test_a_step_changes_only_the_adapters_and_saves_both_forms(two_processes, tiny_dir):
+def test_a_step_changes_only_the_adapters_and_saves_both_forms(two_processes, model_dir):
     results, save = two_processes
     r = results[0][0]
     for k, before in r["before"].items():
