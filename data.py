@@ -540,18 +540,23 @@ def pad(samples, pad_id):
 
 # --------------------------------------------------------------------------- inspect CLI
 
+def parse_rows(spec, n):
+    """--rows `A:B` (either end may be empty) or one row `A` -> (lo, hi), hi clipped to the n rows."""
+    a, colon, b = spec.partition(":")
+    if not (a or "0").isdigit() or not (b or "0").isdigit():
+        raise DataError(f"--rows {spec!r} is not a row A or a range A:B of non-negative integers.")
+    lo = int(a or 0)
+    return lo, min(n, (int(b) if b else n) if colon else lo + 1)
+
+
 def inspect(args):
     tokenizer = load_tokenizer(args.tokenizer)
     model_dir = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else Path(args.tokenizer).parent
-    family = templates.detect(model_dir, args.chat_template)
+    family = templates.detect(model_dir, args.chat_template, flag="--chat_template ")
     rows = list(_iter_rows(args.file, args.multiturn, args.messages_key, args.tools_key, args.prompt_key,
                            args.response_key, args.prompt_dict_keys, args.response_dict_keys,
                            args.enable_thinking_key))
-    a, colon, b = args.rows.partition(":")
-    if not (a or "0").isdigit() or not (b or "0").isdigit():
-        raise DataError(f"--rows {args.rows!r} is not a row A or a range A:B of non-negative integers.")
-    lo = int(a or 0)
-    hi = min(len(rows), (int(b) if b else len(rows)) if colon else lo + 1)
+    lo, hi = parse_rows(args.rows, len(rows))
     on, off = ("\x1b[1;32m", "\x1b[0m") if sys.stdout.isatty() else ("[[", "]]")
     out = open(args.jsonl, "w") if args.jsonl else None
     total = trained = 0

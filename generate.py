@@ -115,12 +115,8 @@ def prompt_and_reference(family, messages, tools, enable_thinking, where, turn=-
 
 
 def parse_rows(spec, n):
-    """`A:B` (either end may be empty) or one row `A` -> range; B is clipped to the n rows."""
-    a, colon, b = spec.partition(":")
-    if not (a or "0").isdigit() or not (b or "0").isdigit():
-        raise GenerateError(f"--rows {spec!r} is not a row A or a range A:B of non-negative integers.")
-    lo = int(a or 0)
-    hi = min(n, int(b) if b else n) if colon else lo + 1
+    """data.py's --rows syntax as a range; selecting no row is an error here."""
+    lo, hi = data.parse_rows(spec, n)
     if lo >= min(hi, n):
         raise GenerateError(f"--rows {spec!r} selects no row of the {n} in the file; pick rows in 0:{n}.")
     return range(lo, hi)
@@ -147,7 +143,7 @@ def run(args):
         raise GenerateError("pass exactly one of --data FILE.parquet and --prompt TEXT.")
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise GenerateError("--max_new_tokens must be >= 1, --temperature >= 0 and --top_p in (0, 1].")
-    family = templates.detect(model_dir, args.chat_template)
+    family = templates.detect(model_dir, args.chat_template, flag="--chat_template ")
     thinking = args.enable_thinking == "true"
     if args.prompt is not None:
         user = [{"role": "user", "content": args.prompt}]

@@ -22,7 +22,7 @@ OFFICIAL = {
     "a55ee1b1660128b7098723e0abcd92caa0788061051c62d51cbe87d9cf1974d8": "qwen3",  # Qwen3 0.6B-32B, current
     "64f85b198065d0fba2a81f37e10ed68161ce2c19a754c7100e67e0ca2ee9c326": "qwen3-instruct-2507",
 }
-FLAG = "data.chat_template=" + "|".join(FAMILIES)
+CHOICES = "|".join(FAMILIES)  # as the flags spell them
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 TOOLS_HEAD = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -42,7 +42,7 @@ class TemplateError(Exception):
 
 # --------------------------------------------------------------------------- recognition
 
-def read_template(model_dir):
+def read_template(model_dir, flag="data.chat_template="):
     """The template text transformers would use for model_dir, or None when it has none."""
     path = Path(model_dir)
     if (path / "chat_template.jinja").is_file():  # transformers prefers the file to the config entry
@@ -53,25 +53,26 @@ def read_template(model_dir):
         template = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
     except (ValueError, AttributeError):
         raise TemplateError(f"{path / 'tokenizer_config.json'} is not a JSON object; restore it from the "
-                            f"model's original files, or pass {FLAG}.") from None
+                            f"model's original files, or pass {flag}{CHOICES}.") from None
     if isinstance(template, list):  # named templates: the one called "default" is used
         template = next((t.get("template") for t in template if isinstance(t, dict)
                          and t.get("name") == "default"), None)
     return template if isinstance(template, str) else None
 
 
-def detect(model_dir, choice="auto"):
-    """The template family to render for model_dir: choice itself, or with auto the one it ships."""
+def detect(model_dir, choice="auto", flag="data.chat_template="):
+    """The template family to render for model_dir: choice itself, or with auto the one it ships.
+    flag is how the caller's command line forces a family (named in the errors)."""
     if choice != "auto":
         if choice not in FAMILIES:
             raise TemplateError(f"data.chat_template={choice!r} is not one of auto, {', '.join(FAMILIES)}.")
         return choice
-    text = read_template(model_dir)
+    text = read_template(model_dir, flag)
     family = OFFICIAL.get(hashlib.sha256(text.encode("utf-8")).hexdigest()) if text is not None else None
     if family is None:
         found = "has no chat template" if text is None else "has a chat template that is not an official one"
         raise TemplateError(f"{model_dir} {found}; we render the {', '.join(FAMILIES)} templates by hand, "
-                            f"so pass {FLAG} to choose the one this model was trained with.")
+                            f"so pass {flag}{CHOICES} to choose the one this model was trained with.")
     return family
 
 

@@ -440,3 +440,14 @@ def test_micro_batches_need_no_collective():
             assert seen == sorted(lengths[batch].tolist())
             for micro, mine in out:  # padding micro-batches train nothing
                 assert sum(int((m["labels"] != -100).sum()) for m in micro) == sum(len(i) - 1 for i, _ in mine)
+
+
+@needs_tokenizer
+def test_inspect_names_its_own_flag_for_an_unknown_template(tmp_path, capsys):
+    import shutil
+    shutil.copyfile(MODEL / "tokenizer.json", tmp_path / "tokenizer.json")  # no template beside it
+    with pytest.raises(SystemExit) as e:
+        data.main(["inspect", str(REFERENCE / "retool_like_sample.parquet"), "--tokenizer", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {tmp_path} has no chat template")
+    assert "pass --chat_template qwen2.5|qwen3|qwen3-instruct-2507 to choose" in err
