@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import data
 import model as M
-from kernels.lm_head_loss import linear_cross_entropy_sum
+from sft_kernels.lm_head_loss import linear_cross_entropy_sum
 
 CONFIGS = {
     # Qwen2.5-0.5B-Instruct's config.json (shared/reference), random weights.

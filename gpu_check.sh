@@ -21,7 +21,7 @@ else
 fi
 
 step "attention kernel vs SDPA-flash"
-timeout 240 "$PY" kernels/bench_attention.py 2>&1 | tee "$OUT/bench_attention.txt"
+timeout 240 "$PY" sft_kernels/bench_attention.py 2>&1 | tee "$OUT/bench_attention.txt"
 
 step "training step: ours vs plain (vs transformers when installed)"
 timeout 360 "$PY" bench.py --out "$OUT/bench_table.md" 2>&1 | tee "$OUT/bench.txt"

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from kernels import attention
-from kernels.lm_head_loss import linear_cross_entropy_sum
+from sft_kernels import attention
+from sft_kernels.lm_head_loss import linear_cross_entropy_sum
 
 
 class ModelError(Exception):

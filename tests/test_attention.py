@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from kernels.attention import _flash_attn_varlen, attention_reference, flash_attn_varlen_func
+from sft_kernels.attention import _flash_attn_varlen, attention_reference, flash_attn_varlen_func
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from kernels.lm_head_loss import default_chunk, linear_cross_entropy_reference, linear_cross_entropy_sum
+from sft_kernels.lm_head_loss import default_chunk, linear_cross_entropy_reference, linear_cross_entropy_sum
 
 # The Triton row kernel runs on CUDA, or on CPU tensors under the interpreter (conftest sets it without a GPU).
 IMPLS = ["torch"] + (["triton"] if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else [])

@@ -208,12 +208,12 @@ def test_fused_loss_in_forward_equals_plain_loss_and_grads():
 
 
 def _kernel_attention(q, k, v, cu_seqlens, max_seqlen):
-    from kernels.attention import flash_attn_varlen_func
+    from sft_kernels.attention import flash_attn_varlen_func
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
 
 
 def _reference_attention(q, k, v, cu_seqlens, max_seqlen):
-    from kernels.attention import attention_reference
+    from sft_kernels.attention import attention_reference
     return attention_reference(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
 
 

@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 
 import parallel
-from kernels.attention import attention_reference
+from sft_kernels.attention import attention_reference
 from tests_util import distributed
 
 

@@ -1,6 +1,6 @@
 """Benchmark the Triton varlen attention against PyTorch SDPA (flash backend) on an H100/H200-class GPU.
 
-    python kernels/bench_attention.py
+    python sft_kernels/bench_attention.py
 
 1. Correctness: bf16 forward and gradients vs a float64 reference on a small ragged batch.
 2. Speed: forward and forward+backward, causal, 16k tokens packed as 8 x 2k, 2 x 8k, 1 x 16k, for
@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from kernels.attention import (_dkdv_tuned, _dq_tuned, _fwd_tuned, attention_reference,  # noqa: E402
+from sft_kernels.attention import (_dkdv_tuned, _dq_tuned, _fwd_tuned, attention_reference,  # noqa: E402
                                flash_attn_varlen_func)
 
 TOKENS = 16384
