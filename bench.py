@@ -22,8 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
+import batches
+import lora
 import model as M
+import parallel
 from sft_kernels.lm_head_loss import linear_cross_entropy_sum
 
 CONFIGS = {
@@ -62,7 +64,7 @@ def make_pack(pack_tokens, seqlen, vocab, rng):
             mask[pos:pos + turn] = trained
             pos, trained = pos + turn, not trained
         samples.append((rng.integers(0, vocab, seqlen), mask))
-    return data.pack(samples)
+    return batches.pack(samples)
 
 
 # --------------------------------------------------------------------------- losses (fp32 sums)
@@ -93,7 +95,8 @@ def build(variant, cfg, init_state, device, dtype):
     else:
         with torch.device(device):
             m = M.Qwen2ForCausalLM(cfg)
-        m.model.gradient_checkpointing = variant == "ours+recompute"
+        if variant == "ours+recompute":
+            parallel.apply_recompute(m)
         loss_fn = loss_ours if variant.startswith("ours") else loss_plain
     m.load_state_dict(init_state)  # same names as HF: the same weights in every variant
     return m.to(dtype).train(), loss_fn
@@ -190,7 +193,7 @@ def training_state_bytes(cfg, lora_rank, master_dtype, world_size, targets=("all
     with torch.device("meta"):
         m = M.Qwen2ForCausalLM(cfg).to(master_dtype)
         if lora_rank:
-            M.apply_lora(m, lora_rank, 16, list(targets))
+            lora.apply(m, lora_rank, 16, list(targets))
     params = list(m.parameters())  # a tied LM head once
     trained = [p for p in params if p.requires_grad]
     size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731

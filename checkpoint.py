@@ -20,38 +20,30 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+import lora as L
 import model as M
 
-# Keys whose change would change what the saved data position or schedule means: a resume with
-# any of them different is refused (world size, micro-batch size and sp size may change freely).
-RESUME_KEYS = ("train_files", "train_batch_size", "max_length", "truncation", "seed", "total_epochs",
-               "multiturn", "messages_key", "tools_key", "prompt_key", "response_key",
-               "chat_template", "enable_thinking_key",
-               "lr", "lr_scheduler", "warmup_steps_ratio")
-# The adapter's shape and scale: a resume that changes them is refused (the saved adapter and its
-# optimizer state would not fit, or would mean something else).
-LORA_KEYS = ("lora_rank", "lora_alpha", "target_modules")
+# The data position a resume starts from, as trainer_state.json holds it.
+POSITION = ("step", "epoch", "next_batch", "skipped", "consecutive_skips")
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
             "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
 
-def resume_config(args):
-    """The RESUME_KEYS values, data paths made absolute (a relative path names the same file)."""
-    config = {k: getattr(args, k) for k in RESUME_KEYS}
-    config["train_files"] = [os.path.abspath(f) for f in config["train_files"]]
-    lora = args.lora_rank > 0  # without LoRA, alpha and targets mean nothing and may change freely
-    config.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha if lora else None,
-                  target_modules=M.lora_target_names(args.target_modules) if lora else None)
-    return config
+def saved_config(config, lora):
+    """trainer_state.json's "config": the caller's resume keys plus the LoRA spec (rank, alpha, targets)
+    or None. Without LoRA, alpha and targets mean nothing and may change freely."""
+    rank, alpha, targets = lora or (0, None, None)
+    return {**config, "lora_rank": rank, "lora_alpha": alpha,
+            "target_modules": L.target_names(targets) if lora else None}
 
 
-def resume_state(model, optimizer, args):
+def resume_state(model, optimizer, lora):
     """{"model", "optim"} sharded state dicts (all ranks). With LoRA only what trains (the adapters
     and their AdamW state): the frozen base is model.partial_pretrain, reloaded at start, so it is
     neither written nor read back."""
     model_sd, optim_sd = get_state_dict(model, optimizer)  # (all ranks)
-    if args.lora_rank > 0:
-        model_sd = {k: v for k, v in model_sd.items() if M.is_lora_key(k)}
+    if lora:
+        model_sd = {k: v for k, v in model_sd.items() if L.is_lora_key(k)}
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -95,16 +87,19 @@ def complete_checkpoints(out):
     return sorted(steps)
 
 
-def save_checkpoint(model, optimizer, scheduler, cfg, args, position, rank, device):
-    """global_step_N/: huggingface/ + the resume state (sharded model and optimizer through
+def save_checkpoint(out, model, optimizer, scheduler, position, *, cfg, base_model, config, lora=None, keep=None,
+                    device=torch.device("cpu")):
+    """out/global_step_N/: huggingface/ + the resume state (sharded model and optimizer through
     torch.distributed.checkpoint, so another rank count can read them; scheduler, RNG per rank,
-    data position, config).
+    the data position (POSITION's keys) and config (the caller's resume keys, saved_config)).
+    cfg is the model's config.json, base_model the dir its tokenizer files are copied from, lora
+    the spec (rank, alpha, targets) or None, keep the number of checkpoints kept (None: all).
 
     Everything is written under a temporary name and renamed only when every rank has finished,
     then latest_checkpointed_iteration.txt is replaced atomically: a crash at any moment leaves
     the previous checkpoint and the pointer valid. A failed write on any rank stops every rank.
     """
-    out = Path(args.default_local_dir)
+    out, rank = Path(out), dist.get_rank()
     step = position["step"]
     final, tmp = out / f"global_step_{step}", out / f".tmp_global_step_{step}"
 
@@ -129,7 +124,7 @@ def save_checkpoint(model, optimizer, scheduler, cfg, args, position, rank, devi
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     check(attempt(prepare) if rank == 0 else None)
-    state = resume_state(model, optimizer, args)  # (all ranks) sharded
+    state = resume_state(model, optimizer, lora)  # (all ranks) sharded
     try:
         dcp.save(state, checkpoint_id=str(tmp / "dcp"))  # (all ranks)
         err = attempt(lambda: torch.save(rng_state(device), tmp / f"rng_rank{rank}.pt"))
@@ -139,69 +134,71 @@ def save_checkpoint(model, optimizer, scheduler, cfg, args, position, rank, devi
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # (all ranks)
 
     def finish():
-        if args.lora_rank > 0:  # huggingface/ is the merged model; the adapter alone goes beside it
-            write_hf(M.merge_lora(full, args.lora_rank, args.lora_alpha), cfg, args.partial_pretrain, tmp / "huggingface")
-            M.save_lora_adapter(full, tmp / "lora_adapter", args.lora_rank, args.lora_alpha, args.target_modules,
-                                base_model=args.partial_pretrain)
+        if lora:  # huggingface/ is the merged model; the adapter alone goes beside it
+            write_hf(L.merge(full, *lora[:2]), cfg, base_model, tmp / "huggingface")
+            L.save_adapter(full, tmp / "lora_adapter", *lora, base_model=base_model)
         else:
-            write_hf(full, cfg, args.partial_pretrain, tmp / "huggingface")
-        meta = {**position, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
-                "config": resume_config(args)}
+            write_hf(full, cfg, base_model, tmp / "huggingface")
+        meta = {**{k: position[k] for k in POSITION}, "scheduler": scheduler.state_dict(),
+                "world_size": dist.get_world_size(), "config": saved_config(config, lora)}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")  # marks it complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         (out / ".latest.tmp").write_text(f"{step}\n")
         os.replace(out / ".latest.tmp", out / "latest_checkpointed_iteration.txt")
-        if args.max_ckpt_to_keep and args.max_ckpt_to_keep > 0:
-            for old in complete_checkpoints(out)[:-args.max_ckpt_to_keep]:
+        if keep and keep > 0:
+            for old in complete_checkpoints(out)[:-keep]:
                 if old != step:
                     shutil.rmtree(out / f"global_step_{old}", ignore_errors=True)
     check(attempt(finish) if rank == 0 else None)
     return final
 
 
-def find_resume(args):
-    """The checkpoint dir to resume from, or None for a fresh start."""
-    if args.resume_mode == "disable":
+def find_resume(out, mode="auto", path=None):
+    """The checkpoint dir to resume from (trainer.resume_mode: auto = out's latest, disable, or
+    resume_path = path), or None for a fresh start."""
+    if mode == "disable":
         return None
-    if args.resume_mode == "resume_path":
-        path = Path(args.resume_from_path)
+    if mode == "resume_path":
+        path = Path(path)
         if not (path / "trainer_state.json").is_file():
             raise CheckpointError(f"trainer.resume_from_path={path} is not a complete checkpoint (no "
                                   "trainer_state.json); point it at a global_step_N directory.")
         return path
-    pointer = Path(args.default_local_dir) / "latest_checkpointed_iteration.txt"
+    pointer = Path(out) / "latest_checkpointed_iteration.txt"
     if not pointer.is_file():
         return None
     text = pointer.read_text().strip()
-    path = Path(args.default_local_dir) / f"global_step_{text}"
+    path = Path(out) / f"global_step_{text}"
     if not text.isdigit() or not (path / "trainer_state.json").is_file():
         raise CheckpointError(f"{pointer} names {text!r}, which is not a complete checkpoint; fix or delete "
                               "the file, or set trainer.resume_mode=disable to start fresh.")
     return path
 
 
-def load_checkpoint(path, model, optimizer, scheduler, args, rank, device):
-    """Restore model, optimizer, scheduler and RNG in place; returns the saved data position."""
+def load_checkpoint(path, model, optimizer, scheduler, *, config, lora=None, device=torch.device("cpu")):
+    """Restore model, optimizer, scheduler and RNG in place; returns the saved data position.
+    config and lora as for save_checkpoint: a resume that changes any of them is refused."""
     meta = json.loads((path / "trainer_state.json").read_text())
-    now = resume_config(args)
+    now = saved_config(config, lora)
     saved = {"lora_rank": 0, "lora_alpha": None, "target_modules": None, **meta["config"]}  # pre-LoRA checkpoints
-    lora_diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in LORA_KEYS if saved[k] != now[k]]
+    lora_keys = ("lora_rank", "lora_alpha", "target_modules")
+    lora_diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in lora_keys if saved[k] != now[k]]
     if lora_diffs:
         raise CheckpointError(f"cannot resume from {path}: {'; '.join(lora_diffs)} changes the LoRA adapter it "
                               "holds; restore the original model.lora_* / model.target_modules, or use a new "
                               "trainer.default_local_dir (or trainer.resume_mode=disable) to start fresh.")
-    diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in config if saved.get(k) != now[k]]
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: {'; '.join(diffs)} would change the data order or "
                               "schedule; restore the original values, or use a new trainer.default_local_dir "
                               "(or trainer.resume_mode=disable) to start fresh.")
-    state = resume_state(model, optimizer, args)  # (all ranks)
+    state = resume_state(model, optimizer, lora)  # (all ranks)
     dcp.load(state, checkpoint_id=str(path / "dcp"))  # (all ranks) reshards to this layout
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=args.lora_rank == 0))  # (all ranks) LoRA: base not in state
+                   options=StateDictOptions(strict=not lora))  # (all ranks) LoRA: base not in state
     scheduler.load_state_dict(meta["scheduler"])
-    rng_file = path / f"rng_rank{rank}.pt"
+    rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved; nothing random is drawn
         set_rng_state(torch.load(rng_file, weights_only=False), device)
-    return {k: meta[k] for k in ("step", "epoch", "next_batch", "skipped", "consecutive_skips")}
+    return {k: meta[k] for k in POSITION}

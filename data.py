@@ -1,4 +1,4 @@
-"""Data: parquet / JSON rows -> chat text -> token ids + target mask -> packed micro-batches.
+"""Data: parquet / JSON rows -> chat text -> token ids + target mask (samples; batches.py batches them).
 
 The chat templates are written out by hand in templates.py (no jinja at runtime), so the trained
 character spans come from the same code that writes the text; tests compare it byte for byte with
@@ -8,7 +8,6 @@ the official templates rendered through jinja2 the way transformers renders them
 """
 import argparse
 import hashlib
-import heapq
 import itertools
 import json
 import os
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 from tokenizers import Tokenizer
 
 import templates
@@ -412,130 +410,6 @@ def build_samples(files, tokenizer, max_length, truncation="error", *, chat_temp
         log(f"warning: {unrendered} rows of {names} carry reasoning (reasoning_content, thinking or reasoning) "
             f"that the {chat_template} template does not render; that text is not trained.")
     return samples
-
-
-# --------------------------------------------------------------------------- batches
-
-def epoch_batches(n, batch_size, seed, epoch):
-    """Global batches of one epoch: a (seed + epoch) shuffle, the incomplete last batch dropped."""
-    perm = np.random.default_rng(seed + epoch).permutation(n)
-    steps = n // batch_size
-    return perm[: steps * batch_size].reshape(steps, batch_size)  # (steps, batch_size)
-
-
-def shard(batch_indices, dp_rank, dp_size):
-    """This dp rank's contiguous slice of one global batch (train.py checks that dp_size divides a
-    training batch; when it does not, as for the val set, the last ranks get fewer)."""
-    per = -(-len(batch_indices) // dp_size)  # ceil
-    return batch_indices[dp_rank * per:(dp_rank + 1) * per]
-
-
-def _balanced_owners(lengths, batch_indices, dp_size):
-    """The dp rank of each sample of one global batch when micro-batches are sized by tokens.
-
-    With token budgets (verl's data.use_dynamic_bsz) ranks balance tokens, not sample counts:
-    longest sample first, each to the rank with the fewest tokens so far (ties: fewer samples,
-    then lower rank), so every rank's step takes about as long. Every sample goes to exactly one
-    rank (a rank may get none when the batch is smaller than dp_size); the batch's shuffled order
-    is kept within the rank.
-    """
-    batch_indices = np.asarray(batch_indices)
-    lens = np.asarray(lengths)[batch_indices]
-    order = np.argsort(-lens, kind="stable")  # longest first; equal lengths in batch order
-    loads = [(0, 0, r) for r in range(dp_size)]  # heap of (tokens, samples, rank): already sorted
-    owner = np.empty(len(batch_indices), dtype=np.int64)
-    for i in order:
-        tokens, count, r = heapq.heappop(loads)
-        owner[i] = r
-        heapq.heappush(loads, (tokens + int(lens[i]), count + 1, r))
-    return owner  # (B,) the dp rank of each sample of the batch
-
-
-def balanced_shard(lengths, batch_indices, dp_rank, dp_size):
-    """This dp rank's samples of one global batch when micro-batches are sized by tokens."""
-    batch_indices = np.asarray(batch_indices)
-    return batch_indices[_balanced_owners(lengths, batch_indices, dp_size) == dp_rank]
-
-
-def token_budget_micro_batches(lengths, max_tokens):
-    """Positions into lengths grouped into micro-batches of at most max_tokens tokens each.
-
-    First-fit decreasing (longest sample into the first micro-batch with room) keeps the count
-    near the minimum (at most 11/9 of it, plus one). Deterministic: micro-batches in the order
-    they were opened (the first holds the longest sample), positions ascending within each.
-    A sample longer than the budget cannot be placed and is an error.
-    """
-    lengths = [int(n) for n in lengths]
-    for i, n in enumerate(lengths):
-        if n > max_tokens:
-            raise DataError(f"a sample of {n} tokens (position {i} of the batch) exceeds the micro-batch "
-                            f"token budget {max_tokens}; set data.max_token_len_per_gpu >= data.max_length.")
-    batches, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties in position order
-        b = next((b for b, free in enumerate(room) if lengths[i] <= free), len(batches))
-        if b == len(batches):
-            batches.append([])
-            room.append(max_tokens)
-        batches[b].append(i)
-        room[b] -= lengths[i]
-    return [sorted(b) for b in batches]
-
-
-def micro_batches(samples, batch_indices, *, dp_rank, dp_size, micro_batch_size=None, max_tokens=None,
-                  lengths=None, packed=True, pad_id=0):
-    """This dp rank's micro-batches of one global batch, and its samples (the one call train.py makes).
-
-    Fixed size (micro_batch_size): a contiguous dp shard cut into micro_batch_size samples; a batch
-    that dp_size does not divide (the val set) leaves the last ranks fewer. Token budget
-    (max_tokens, verl's use_dynamic_bsz; needs lengths[i] = len(samples[i]) and packed): dp ranks
-    balance tokens, then first-fit packing up to max_tokens per micro-batch. FSDP's collectives
-    need every rank to run as many forward/backward passes as the others, so a rank with fewer
-    micro-batches gets empty ones (one untrained pad token). Sharding is deterministic, so each
-    rank works out every rank's count locally: no collective. The sp ranks of one group share a
-    dp_rank and so get the same micro-batches.
-    """
-    batch_indices = np.asarray(batch_indices)
-    if max_tokens is None:
-        shards = [shard(batch_indices, r, dp_size) for r in range(dp_size)]
-        groups = [[list(range(i, min(i + micro_batch_size, len(s)))) for i in range(0, len(s), micro_batch_size)]
-                  for s in shards]
-    else:
-        owner = _balanced_owners(lengths, batch_indices, dp_size)
-        shards = [batch_indices[owner == r] for r in range(dp_size)]
-        groups = [token_budget_micro_batches(np.asarray(lengths)[s], max_tokens) for s in shards]
-    mine = [samples[i] for i in shards[dp_rank]]
-    collate = pack if packed else lambda chunk: pad(chunk, pad_id)
-    micro = [collate([mine[i] for i in g]) for g in groups[dp_rank]]
-    empty = (np.array([pad_id], dtype=np.int64), np.zeros(1, dtype=np.uint8))
-    return micro + [pack([empty])] * (max(map(len, groups)) - len(micro)), mine
-
-
-def pack(samples):
-    """B samples (ids, mask) -> one varlen stream of T = sum(L) tokens."""
-    lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
-    ids = np.concatenate([s[0] for s in samples]).astype(np.int64)  # (T,)
-    mask = np.concatenate([s[1] for s in samples])  # (T,)
-    cu = np.concatenate([[0], np.cumsum(lengths)])  # (B+1,)
-    # labels[t] is the target predicted at position t: ids[t+1] when that token is trained. The
-    # last token of each sample predicts nothing, so no target crosses into the next sample.
-    labels = np.full(len(ids), -100, dtype=np.int64)
-    labels[:-1] = np.where(mask[1:] > 0, ids[1:], -100)
-    labels[cu[1:] - 1] = -100
-    positions = np.arange(len(ids)) - np.repeat(cu[:-1], lengths)  # (T,) restarts at 0 per sample
-    return {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions),
-            "cu_seqlens": torch.from_numpy(cu.astype(np.int32)), "max_seqlen": int(lengths.max()),
-            "labels": torch.from_numpy(labels)}
-
-
-def pad(samples, pad_id):
-    """B samples right-padded to the longest L, in the packed layout (T = B * L, cu_seqlens = k * L).
-
-    Padding is untrained and follows each sample's real tokens, so under causal attention within
-    a row no real token sees it: the padded batch computes what the packed one does.
-    """
-    L = max(len(ids) for ids, _ in samples)
-    return pack([(np.pad(ids, (0, L - len(ids)), constant_values=pad_id), np.pad(mask, (0, L - len(mask))))
-                 for ids, mask in samples])
 
 
 # --------------------------------------------------------------------------- inspect CLI

@@ -31,28 +31,38 @@ class GenerateError(Exception):
 
 # --------------------------------------------------------------------------- KV cache and sampling
 
-def cached_attention(state, capacity, prefill):
-    """An attn_fn that appends the new post-RoPE k/v (n, Hkv, D) to this layer's cache and attends the
-    new q (n, H, D) over every cached key, causal within the new tokens. The first call (the prompt,
-    nothing cached yet) is plain causal attention: the layer's own attn_fn (Triton kernel on CUDA)."""
-    cache = {}
+class KVCache:
+    """Every layer's post-RoPE keys and values of the tokens seen so far, in one preallocated buffer
+    per layer (prompt + every new token: no reallocation per step). `length` tokens are cached;
+    the model's forward writes the new ones into each layer, then generate calls advance(n)."""
 
-    def attn(q, k, v, cu_seqlens, max_seqlen):
-        n, past = q.shape[0], state["len"]
-        if not cache:  # one buffer per layer for prompt + every new token: no reallocation per step
-            cache["k"] = k.new_empty(capacity, *k.shape[1:])  # (capacity, Hkv, D)
-            cache["v"] = v.new_empty(capacity, *v.shape[1:])
-        cache["k"][past:past + n], cache["v"][past:past + n] = k, v
-        if past == 0:
-            return prefill(q, k, v, cu_seqlens, max_seqlen)
-        keys, values = cache["k"][:past + n], cache["v"][:past + n]  # (L, Hkv, D), L = past + n
-        # New token i sits at position past + i and sees keys 0 .. past + i.
-        pos = torch.arange(past + n, device=q.device)
-        keep = pos[None, :] <= pos[past:, None]  # (n, L)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                                           attn_mask=keep, enable_gqa=True)  # (H, n, D); head h reads kv h // (H/Hkv)
-        return o.transpose(0, 1)  # (n, H, D)
-    return attn
+    def __init__(self, num_layers, capacity):
+        self.capacity, self.length = capacity, 0
+        self.k, self.v = [None] * num_layers, [None] * num_layers
+
+    def advance(self, n):
+        self.length += n
+
+    def attention(self, i, prefill):
+        """Layer i's attn_fn: appends the new k/v (n, Hkv, D) and attends the new q (n, H, D) over every
+        cached key, causal within the new tokens. The first call (the prompt, nothing cached yet) is
+        plain causal attention: the layer's own attn_fn `prefill` (the Triton kernel on CUDA)."""
+        def attn(q, k, v, cu_seqlens, max_seqlen):
+            n, past = q.shape[0], self.length
+            if self.k[i] is None:
+                self.k[i] = k.new_empty(self.capacity, *k.shape[1:])  # (capacity, Hkv, D)
+                self.v[i] = v.new_empty(self.capacity, *v.shape[1:])
+            self.k[i][past:past + n], self.v[i][past:past + n] = k, v
+            if past == 0:
+                return prefill(q, k, v, cu_seqlens, max_seqlen)
+            keys, values = self.k[i][:past + n], self.v[i][:past + n]  # (L, Hkv, D), L = past + n
+            # New token j sits at position past + j and sees keys 0 .. past + j.
+            pos = torch.arange(past + n, device=q.device)
+            keep = pos[None, :] <= pos[past:, None]  # (n, L)
+            o = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                               attn_mask=keep, enable_gqa=True)  # (H, n, D); head h reads kv h // (H/Hkv)
+            return o.transpose(0, 1)  # (n, H, D)
+        return attn
 
 
 def next_token(logits, temperature, top_p, generator):
@@ -74,18 +84,19 @@ def generate(model, prompt_ids, max_new_tokens, stop_ids=(), temperature=0.0, to
     prompt goes through once; then each step feeds the last token at position past_len, and only that
     position goes through the LM head."""
     device = model.lm_head.weight.device
-    state, layers = {"len": 0}, [layer.self_attn for layer in model.model.layers]
+    layers = [layer.self_attn for layer in model.model.layers]
     originals = [a.attn_fn for a in layers]
-    for a in layers:
-        a.attn_fn = cached_attention(state, len(prompt_ids) + max_new_tokens, a.attn_fn)
+    cache = KVCache(len(layers), len(prompt_ids) + max_new_tokens)
+    for i, a in enumerate(layers):
+        a.attn_fn = cache.attention(i, a.attn_fn)
     out, ids = [], torch.tensor(prompt_ids, dtype=torch.long, device=device)
     try:
         while len(out) < max_new_tokens:
             n = ids.numel()
             cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=device)
-            position_ids = state["len"] + torch.arange(n, device=device)
+            position_ids = cache.length + torch.arange(n, device=device)
             h = model.hidden_states(ids, cu_seqlens, position_ids, n)  # (n, C)
-            state["len"] += n
+            cache.advance(n)
             out.append(next_token(model.lm_head(h[-1]).float(), temperature, top_p, generator))
             if out[-1] in stop_ids:
                 break

@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.checkpoint import checkpoint
 
 from sft_kernels import attention
 from sft_kernels.lm_head_loss import linear_cross_entropy_sum
@@ -138,19 +137,14 @@ class Qwen2Model(nn.Module):
         # Parsed once from the config. A plain fp32 CPU tensor, not a buffer: model.to(bf16) must
         # not round it, and meta-device construction must not leave it empty.
         self.inv_freq, self.attention_scaling = rope_parameters(cfg)
-        self.gradient_checkpointing = False
 
     def forward(self, input_ids, cu_seqlens, position_ids, max_seqlen):
         x = self.embed_tokens(input_ids)  # (T, C)
         if self.inv_freq.device != position_ids.device:  # moved once, on the first forward
             self.inv_freq = self.inv_freq.to(position_ids.device)
         cos, sin = rotary_cos_sin(position_ids, self.inv_freq, self.attention_scaling, x.dtype)
-        for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                # Recompute the layer in backward: keeps one (T, C) input per layer, not its insides.
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+        for layer in self.layers:  # recompute (parallel.apply_recompute) wraps each layer from outside
+            x = layer(x, cos, sin, cu_seqlens, max_seqlen)
         return self.norm(x)
 
 
@@ -451,100 +445,3 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e1
 def peak_flops(device_name):
     """The GPU's dense bf16 peak, or None when unknown (MFU is then not shown)."""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
-
-
-# --------------------------------------------------------------------------- LoRA
-# Written by hand (no peft at runtime) in PEFT's layout, so an adapter we save loads in peft and vLLM:
-# A (r, in) kaiming-uniform(a=sqrt(5)), B (out, r) zeros, y = base(x) + (alpha / r) * B(A(x)), no dropout.
-# It acts on a built model from outside: target linears of every decoder layer are swapped for LoraLinear.
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class LoraLinear(nn.Linear):
-    """A frozen nn.Linear plus a trainable low-rank update.
-
-    The base keeps the names `weight` / `bias` (an HF checkpoint loads unchanged); the adapter is two
-    bias-free linears `lora_A` / `lora_B`, so its parameter names are PEFT's (`...q_proj.lora_A.weight`).
-    """
-
-    def __init__(self, base, rank, alpha, dtype=torch.float32):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        self.weight, self.bias = base.weight, base.bias  # the pretrained tensors themselves, no copy
-        device = base.weight.device
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
-        self.scaling = alpha / rank  # PEFT's scaling (not rsLoRA's alpha / sqrt(r))
-
-    def forward(self, x):
-        out = F.linear(x, self.weight, self.bias)
-        # Under FSDP mixed precision every weight is cast to the compute dtype; without FSDP a bf16
-        # base with fp32 adapters needs the input cast to the adapter's dtype (as PEFT does).
-        h = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))
-        return out + (h * self.scaling).to(out.dtype)
-
-
-def lora_target_names(targets):
-    """verl's target_modules ('all-linear' or a list of projection names) -> projection names in
-    LORA_TARGETS order. Names are checked by train.validate."""
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    return [t for t in LORA_TARGETS if t in targets or "all-linear" in targets]
-
-
-def apply_lora(model, rank, alpha, targets, seed=0, dtype=torch.float32):
-    """Freeze every parameter, then swap the target projections of every decoder layer for LoraLinear.
-
-    A is drawn from its own generator (seed), layer by layer in LORA_TARGETS order, so every rank
-    builds the same adapter before FSDP shards it. Works on a meta-device model too (no init then).
-    """
-    model.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    for layer in model.model.layers:
-        for name in lora_target_names(targets):
-            parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-            lora = LoraLinear(getattr(parent, name), rank, alpha, dtype)
-            a = torch.empty(lora.lora_A.weight.shape)
-            nn.init.kaiming_uniform_(a, a=5 ** 0.5, generator=gen)  # PEFT's init: bound 1/sqrt(in_features)
-            with torch.no_grad():
-                if lora.weight.device.type != "meta":
-                    lora.lora_A.weight.copy_(a)
-                    lora.lora_B.weight.zero_()  # B = 0: the model starts exactly as the base
-            setattr(parent, name, lora)
-    return model
-
-
-def is_lora_key(name):
-    return ".lora_A." in name or ".lora_B." in name
-
-
-def merge_lora(state_dict, rank, alpha):
-    """A full state dict with LoRA keys -> the plain HF state dict: W + (alpha / r) * B @ A (in fp32,
-    returned in W's dtype), LoRA keys removed. What transformers and vLLM load without peft."""
-    out = {k: v for k, v in state_dict.items() if not is_lora_key(k)}
-    for key in state_dict:
-        if key.endswith(".lora_A.weight"):
-            prefix = key.removesuffix(".lora_A.weight")
-            a, b, w = state_dict[key].float(), state_dict[prefix + ".lora_B.weight"].float(), out[prefix + ".weight"]
-            out[prefix + ".weight"] = (w.float() + (alpha / rank) * (b @ a)).to(w.dtype)  # (out, r) @ (r, in)
-    return out
-
-
-def save_lora_adapter(state_dict, path, rank, alpha, targets, base_model):
-    """PEFT's adapter layout: adapter_model.safetensors (keys `base_model.model.<our name>`, fp32 as
-    trained) and adapter_config.json; loads with peft's PeftModel.from_pretrained(base, path) and
-    vLLM's LoRARequest."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {"base_model.model." + k: v.detach().cpu().contiguous() for k, v in state_dict.items() if is_lora_key(k)}
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base_model), r=rank,
-                  lora_alpha=alpha, target_modules=lora_target_names(targets), lora_dropout=0.0, bias="none",
-                  fan_in_fan_out=False, use_rslora=False, use_dora=False, init_lora_weights=True,
-                  modules_to_save=None, inference_mode=True)
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def count_trained(model):
-    """(trained, total) parameter counts; a tied LM head counts once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,8 +1,10 @@
-"""Parallelism applied to a built model from outside: device meshes, FSDP2, Ulysses.
+"""Parallelism applied to a built model from outside: device meshes, recompute, Ulysses, FSDP2.
 
 Vocabulary: world_size W ranks = dp_size x sp_size. The sp_size ranks of one Ulysses group hold
 contiguous slices of the same packed stream; FSDP2 shards parameters over all W ranks, or (HSDP)
-over groups of fsdp_size consecutive ranks, replicated across groups.
+over groups of fsdp_size consecutive ranks, replicated across groups. `parallelize` is the one call
+that turns a built model into the training model; each piece works on any decoder layer in
+model.model.layers (an nn.Module taking and returning the (T, C) stream first).
 """
 import functools
 
@@ -10,28 +12,32 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 
 class ParallelError(Exception):
     """An impossible parallel layout; the message says which sizes and what would work."""
 
 
-def check_sp_size(sp_size, world_size, num_heads, num_kv_heads):
+def check_sizes(world_size, sp_size, fsdp_size):
+    """sp_size and fsdp_size against the number of processes (train.validate, before any work)."""
     if sp_size < 1 or world_size % sp_size:
         raise ParallelError(f"ulysses_sequence_parallel_size={sp_size} must divide the number of "
                             f"processes ({world_size}); pick a divisor of {world_size}.")
+    if fsdp_size != -1 and not (1 <= fsdp_size <= world_size and world_size % fsdp_size == 0):
+        ok = [n for n in range(1, world_size + 1) if world_size % n == 0]
+        raise ParallelError(f"model.fsdp_config.fsdp_size={fsdp_size} must be -1 (shard over all {world_size} "
+                            f"processes) or one of {ok}; use the GPUs per node for multi-node runs.")
+
+
+def check_sp_heads(sp_size, num_heads, num_kv_heads):
+    """Ulysses gives each sp rank num_heads / sp_size query heads and their key-value heads (from the
+    config, before the model loads). A layer kind with other heads adds its own check here."""
     if num_heads % sp_size or not (num_kv_heads % sp_size == 0 or sp_size % num_kv_heads == 0):
         ok = [s for s in range(1, num_heads + 1)
               if num_heads % s == 0 and (num_kv_heads % s == 0 or s % num_kv_heads == 0)]
         raise ParallelError(f"ulysses_sequence_parallel_size={sp_size} does not fit {num_heads} query / "
                             f"{num_kv_heads} key-value heads; use one of {ok}.")
-
-
-def check_fsdp_size(fsdp_size, world_size):
-    if fsdp_size != -1 and not (1 <= fsdp_size <= world_size and world_size % fsdp_size == 0):
-        ok = [n for n in range(1, world_size + 1) if world_size % n == 0]
-        raise ParallelError(f"model.fsdp_config.fsdp_size={fsdp_size} must be -1 (shard over all {world_size} "
-                            f"processes) or one of {ok}; use the GPUs per node for multi-node runs.")
 
 
 def build_meshes(device_type, world_size, sp_size, fsdp_size=-1):
@@ -41,9 +47,9 @@ def build_meshes(device_type, world_size, sp_size, fsdp_size=-1):
     world_size: HSDP, a 2-D (replicate, shard) mesh. Meshes are row-major, so a shard group is
     fsdp_size consecutive ranks (= one node when fsdp_size is the GPUs per node): each layer's
     all-gather and reduce-scatter stay inside the node and only one gradient all-reduce per step
-    crosses nodes. Ulysses groups are sp_size consecutive ranks either way.
+    crosses nodes. Ulysses groups are sp_size consecutive ranks either way. Sizes are checked by
+    check_sizes.
     """
-    check_fsdp_size(fsdp_size, world_size)
     if fsdp_size in (-1, world_size):
         fsdp = init_device_mesh(device_type, (world_size,), mesh_dim_names=("fsdp",))
     else:
@@ -51,6 +57,32 @@ def build_meshes(device_type, world_size, sp_size, fsdp_size=-1):
                                 mesh_dim_names=("replicate", "shard"))
     dp_sp = init_device_mesh(device_type, (world_size // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
     return fsdp, dp_sp
+
+
+def parallelize(model, mesh, sp_group, sp_size, param_dtype, recompute=False, cpu_offload=False):
+    """The training model: per-layer recompute, then Ulysses, then FSDP2 units (which move the shards
+    to the mesh's device). Order matters: FSDP2's hooks must sit outside the recomputed forward, so a
+    layer's parameters are gathered once for its forward and once for its backward (recompute inside)."""
+    if recompute:
+        apply_recompute(model)
+    apply_ulysses(model, sp_group, sp_size)
+    return apply_fsdp(model, mesh, param_dtype, cpu_offload=cpu_offload)
+
+
+# --------------------------------------------------------------------------- recompute
+
+def _recomputed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():  # evaluation: nothing to save, nothing to recompute
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_recompute(model):
+    """Activation recompute per decoder layer (like torchtitan's apply_ac): the layer keeps only its
+    (T, C) input for backward and runs its forward again there, instead of keeping its insides."""
+    for layer in model.model.layers:
+        layer.forward = functools.partial(_recomputed, layer.forward)  # the instance's, not the class's
+    return model
 
 
 # --------------------------------------------------------------------------- FSDP2
@@ -141,31 +173,18 @@ def ulysses_attention(q, k, v, cu_seqlens, max_seqlen, *, inner, sp_group, sp_si
 
 
 def apply_ulysses(model, sp_group, sp_size):
-    """Wrap every layer's attention in the Ulysses all-to-alls (no-op for sp_size 1)."""
+    """Wrap each layer's sequence mixer in the Ulysses all-to-alls (no-op for sp_size 1).
+
+    The seam for another layer kind: a layer with softmax attention exposes `self_attn.attn_fn`
+    (q, k, v, cu_seqlens, max_seqlen) -> o, which is wrapped here; a layer without one (e.g. a linear
+    attention) needs its own wrapper beside ulysses_attention, chosen below, or it is refused.
+    """
     if sp_size == 1:
         return model
-    for layer in model.model.layers:
-        attn = layer.self_attn
+    for i, layer in enumerate(model.model.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not hasattr(attn, "attn_fn"):
+            raise ParallelError(f"decoder layer {i} ({type(layer).__name__}) has no self_attn.attn_fn to run "
+                                "under Ulysses; use ulysses_sequence_parallel_size=1 for this model.")
         attn.attn_fn = functools.partial(ulysses_attention, inner=attn.attn_fn, sp_group=sp_group, sp_size=sp_size)
     return model
-
-
-def sp_slice(batch, sp_rank, sp_size, pad_id):
-    """This rank's slice of a packed micro-batch; the stream is padded to a multiple of sp_size first.
-
-    The padding is its own segment in cu_seqlens (so no real token attends to it) and its labels
-    are -100 (so it trains nothing). cu_seqlens and max_seqlen stay those of the full stream.
-    """
-    T = batch["input_ids"].numel()
-    pad = -T % sp_size
-    out = dict(batch)
-    if pad:
-        out["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"].new_full((pad,), pad_id)])
-        out["position_ids"] = torch.cat([batch["position_ids"], torch.arange(pad, dtype=batch["position_ids"].dtype)])
-        out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((pad,), -100)])
-        out["cu_seqlens"] = torch.cat([batch["cu_seqlens"], batch["cu_seqlens"].new_tensor([T + pad])])
-        out["max_seqlen"] = max(batch["max_seqlen"], pad)
-    Tl = (T + pad) // sp_size
-    for key in ("input_ids", "position_ids", "labels"):
-        out[key] = out[key][sp_rank * Tl:(sp_rank + 1) * Tl]
-    return out

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import batches
 import checkpoint
 import data
+import lora
 import model as M
 import parallel
 import plot
@@ -205,10 +207,10 @@ def validate(args, world_size):
         raise ConfigError(f"model.lora_rank={args.lora_rank} must be >= 0 (0 = full fine-tuning).")
     if args.lora_rank > 0 and args.lora_alpha <= 0:
         raise ConfigError(f"model.lora_alpha={args.lora_alpha} must be > 0 (the LoRA scale is alpha / rank).")
-    unknown = [t for t in args.target_modules if t not in M.LORA_TARGETS + ("all-linear",)]
+    unknown = [t for t in args.target_modules if t not in lora.TARGETS + ("all-linear",)]
     if args.lora_rank > 0 and (unknown or not args.target_modules):
         what = f"has unknown module(s) {unknown}" if unknown else "is empty"
-        raise ConfigError(f"model.target_modules {what}; use all-linear or a list of {', '.join(M.LORA_TARGETS)}.")
+        raise ConfigError(f"model.target_modules {what}; use all-linear or a list of {', '.join(lora.TARGETS)}.")
     if args.use_liger:
         raise ConfigError("model.use_liger=true is not supported; the fused LM-head loss is built in, remove it.")
     if args.trust_remote_code or args.external_lib:
@@ -225,19 +227,16 @@ def validate(args, world_size):
                                   f"pip install {name}, or drop it from trainer.logger.") from None
     if args.sp_size > 1 and not args.use_remove_padding:
         raise ConfigError("ulysses_sequence_parallel_size > 1 needs use_remove_padding=true (packed sequences).")
-    if args.sp_size < 1 or world_size % args.sp_size:
-        raise ConfigError(f"ulysses_sequence_parallel_size={args.sp_size} must divide the number of "
-                          f"processes ({world_size}).")
+    try:  # sp and fsdp sizes against the process count; the heads are checked once the config is read
+        parallel.check_sizes(world_size, args.sp_size, args.fsdp_size)
+    except parallel.ParallelError as e:
+        raise ConfigError(str(e)) from None
     if args.use_dynamic_bsz and not args.use_remove_padding:
         raise ConfigError("data.use_dynamic_bsz=true needs use_remove_padding=true (token budgets pack samples).")
     if args.use_dynamic_bsz and args.max_length > args.max_token_len_per_gpu * args.sp_size:
         raise ConfigError(f"data.max_length={args.max_length} exceeds the micro-batch token budget "
                           f"{args.max_token_len_per_gpu * args.sp_size} (data.max_token_len_per_gpu x sp size); "
                           "raise data.max_token_len_per_gpu or lower data.max_length.")
-    try:
-        parallel.check_fsdp_size(args.fsdp_size, world_size)
-    except parallel.ParallelError as e:
-        raise ConfigError(str(e)) from None
     dp = world_size // args.sp_size
     if args.train_batch_size % dp:
         raise ConfigError(f"data.train_batch_size={args.train_batch_size} is not divisible by the "
@@ -250,12 +249,29 @@ def validate(args, world_size):
     for f in args.train_files + (args.val_files or []):
         if not Path(f).exists():
             raise ConfigError(f"data file {f} does not exist; check data.train_files / data.val_files.")
-    if not (Path(args.partial_pretrain) / "config.json").is_file():
-        raise ConfigError(f"model.partial_pretrain={args.partial_pretrain} has no config.json; point it at a "
-                          "Hugging Face model directory (config.json, *.safetensors, tokenizer.json).")
 
 
 # --------------------------------------------------------------------------- helpers
+
+# Keys whose change would change what the saved data position or schedule means: a resume with
+# any of them different is refused (world size, micro-batch size and sp size may change freely).
+RESUME_KEYS = ("train_files", "train_batch_size", "max_length", "truncation", "seed", "total_epochs",
+               "multiturn", "messages_key", "tools_key", "prompt_key", "response_key",
+               "chat_template", "enable_thinking_key",
+               "lr", "lr_scheduler", "warmup_steps_ratio")
+
+
+def resume_config(args):
+    """The RESUME_KEYS values, data paths made absolute (a relative path names the same file)."""
+    config = {k: getattr(args, k) for k in RESUME_KEYS}
+    config["train_files"] = [os.path.abspath(f) for f in config["train_files"]]
+    return config
+
+
+def lora_spec(args):
+    """The LoRA spec checkpoint.py saves and compares on resume: (rank, alpha, targets), or None."""
+    return (args.lora_rank, args.lora_alpha, args.target_modules) if args.lora_rank > 0 else None
+
 
 def lr_lambda(total_steps, warmup_ratio, kind):
     """Multiplier of optim.lr after `step` updates. Warmup starts above 0 (verl's first update is 0)."""
@@ -286,6 +302,34 @@ def make_loggers(args, out, resolved):
     return loggers
 
 
+def reporter(args, out, rank, first_step, stop_at, log):
+    """report(rec, saved=None): on rank 0 the console line, metrics.jsonl, wandb/tensorboard and, when a
+    checkpoint was just saved, the loss curve beside the metrics; nothing on the other ranks."""
+    if rank != 0:
+        return lambda rec, saved=None: None
+    metrics_file, loggers = open(out / "metrics.jsonl", "a"), make_loggers(args, out, vars(args))
+    t_start, plotting = time.time(), [True]  # plotting: off once it could not (said once, not per save)
+
+    def report(rec, saved=None):
+        step = rec["step"]
+        line = (f"step {step}/{stop_at} | loss {rec['train/loss']:.4f} | lr {rec['train/lr']:.2e} | "
+                f"grad_norm {rec['train/grad_norm']:.3f} | {rec['train/tokens_per_s_per_gpu']:,.0f} tok/s/gpu")
+        if "train/mfu" in rec:
+            line += f" | mfu {rec['train/mfu']:.1%} | mem {rec['train/peak_mem_gib']:.1f}G"
+        if "val/loss" in rec:
+            line += f" | val_loss {rec['val/loss']:.4f}"
+        log(line + f" | eta {fmt_time((time.time() - t_start) / (step - first_step) * (stop_at - step))}")
+        metrics_file.write(json.dumps(rec) + "\n")
+        metrics_file.flush()
+        for log_to in loggers:
+            log_to(rec)
+        if saved:
+            png = plot.plot_metrics(out, f"{args.project_name}/{args.experiment_name}", log) if plotting[0] else None
+            plotting[0] = png is not None
+            log(f"saved {saved}" + (f"; loss curve {png}" if png else ""))
+    return report
+
+
 def fmt_time(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -296,87 +340,55 @@ def fmt_count(n):
     return next(f"{n / d:.1f}{u}" for d, u in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= d or d == 1)
 
 
-def to_device(batch, device):
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def loss_sum(model, batch, args, sp_rank, pad_id, device):
-    """Summed CE over this rank's share of one micro-batch (its sp slice of the packed stream)."""
-    if args.sp_size > 1:
-        batch = parallel.sp_slice(batch, sp_rank, args.sp_size, pad_id)
-    b = to_device(batch, device)
-    return model(b["input_ids"], b["cu_seqlens"], b["position_ids"], b["max_seqlen"], labels=b["labels"])
-
-
-def build_model(args, device, world_mesh, sp_group, compute_dtype=None):
-    """Full weights on CPU in the master dtype, then Ulysses and FSDP2 (which moves the shards to device).
-    compute_dtype defaults to bf16 on GPU and fp32 on CPU (tests pass bf16 to run the GPU recipe on CPU)."""
-    master_dtype = torch.float32 if args.model_dtype in ("fp32", "float32") else torch.bfloat16
-    model = M.load_pretrained(args.partial_pretrain, dtype=master_dtype)
-    if args.lora_rank > 0:  # frozen base in the master dtype, fp32 adapters (same A on every rank: seeded)
-        M.apply_lora(model, args.lora_rank, args.lora_alpha, args.target_modules, seed=args.seed)
-    model.model.gradient_checkpointing = args.enable_gradient_checkpointing
-    parallel.apply_ulysses(model, sp_group, args.sp_size)
-    if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # Offloading only means something when the compute device is a GPU (on CPU the weights are there).
-    offload = (args.cpu_offload or args.offload_params) and device.type == "cuda"
-    return parallel.apply_fsdp(model, world_mesh, param_dtype=compute_dtype, cpu_offload=offload)
-
-
-def batch_layout(args, dp_rank, dp_size, pad_id):
-    """How data.micro_batches cuts this rank's share of a batch: fixed-size micro-batches, or token
-    budgets (use_dynamic_bsz) of max_token_len_per_gpu x sp size per micro-batch, since an sp group
-    splits each packed stream sp_size ways and each GPU still holds max_token_len_per_gpu."""
-    return dict(dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=args.micro_batch_size_per_gpu, pad_id=pad_id,
-                packed=args.use_remove_padding,
-                max_tokens=args.max_token_len_per_gpu * args.sp_size if args.use_dynamic_bsz else None)
-
-
-def forward_backward(model, micro, args, ctx):
-    """Accumulate the gradient of one optimizer step over this rank's micro-batches.
-
-    The step's loss is (sum of CE over every trained token of the step, all ranks) / N, with N
-    counted once per dp rank (the sp ranks of a group share samples). Each rank backpropagates its
-    local CE sum scaled by world_size / N: FSDP averages gradients over all world_size ranks, and
-    the local sums over all ranks (sp slices are disjoint) add up to exactly the step's total CE.
-    Returns (step loss, N).
-    """
-    device = ctx["device"]
-    n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
-    n_tokens = float(all_sum(torch.tensor(float(n_local), device=device), ctx["dp_group"]))  # (all ranks)
-    scale = ctx["world_size"] / max(n_tokens, 1.0)
-    ce = torch.zeros((), dtype=torch.float64, device=device)
-    for i, b in enumerate(micro):
-        # Reduce-scatter gradients once per step, after the last micro-batch: the others accumulate
-        # unsharded gradients locally (in FSDP's reduce dtype, fp32) instead of communicating. Costs
-        # one full fp32 gradient per rank (2 GB for 0.5B parameters), saves n_micro - 1 collectives.
-        model.set_requires_gradient_sync(i == len(micro) - 1)
-        loss = loss_sum(model, b, args, ctx["sp_rank"], ctx["pad_id"], device)
-        (loss * scale).backward()
-        ce += loss.detach().double()
-    return float(all_sum(ce)) / max(n_tokens, 1.0), n_tokens  # (all ranks)
-
-
 def all_sum(x, group=None):
     t = torch.as_tensor(x, dtype=torch.float64 if not torch.is_tensor(x) else x.dtype).clone()
     dist.all_reduce(t, group=group)  # (all ranks of group)
     return t
 
 
-def evaluate(model, samples, args, ctx):
-    """val/loss: global token mean over the whole val set, in fixed-size micro-batches (data.py
-    gives every rank the same number: FSDP's collectives must match)."""
-    micro, _ = data.micro_batches(samples, np.arange(len(samples)), **{**ctx["layout"], "max_tokens": None})
-    ce, tokens = torch.zeros((), dtype=torch.float64, device=ctx["device"]), 0
+def loss_sum(model, b):
+    """Summed CE over one micro-batch as this rank holds it (with sp, its slice of the packed stream)."""
+    return model(b["input_ids"], b["cu_seqlens"], b["position_ids"], b["max_seqlen"], labels=b["labels"])
+
+
+def forward_backward(model, micro, world_size):
+    """Accumulate the gradient of one optimizer step over this rank's micro-batches.
+
+    The step's loss is (sum of CE over every trained token of the step, all ranks) / N. The sp
+    slices of a stream are disjoint, so summing every rank's trained tokens counts each once.
+    Each rank backpropagates its local CE sum scaled by world_size / N: FSDP averages gradients
+    over all world_size ranks, and the local sums over all ranks add up to exactly the step's
+    total CE. Returns (step loss, N).
+    """
+    device = micro[0]["labels"].device
+    n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
+    n_tokens = float(all_sum(torch.tensor(float(n_local), device=device)))  # (all ranks)
+    scale = world_size / max(n_tokens, 1.0)
+    ce = torch.zeros((), dtype=torch.float64, device=device)
+    for i, b in enumerate(micro):
+        # Reduce-scatter gradients once per step, after the last micro-batch: the others accumulate
+        # unsharded gradients locally (in FSDP's reduce dtype, fp32) instead of communicating. Costs
+        # one full fp32 gradient per rank (2 GB for 0.5B parameters), saves n_micro - 1 collectives.
+        model.set_requires_gradient_sync(i == len(micro) - 1)
+        loss = loss_sum(model, b)
+        (loss * scale).backward()
+        ce += loss.detach().double()
+    return float(all_sum(ce)) / max(n_tokens, 1.0), n_tokens  # (all ranks)
+
+
+def evaluate(model, micro):
+    """val/loss: global token mean over the whole val set, given this rank's fixed-size micro-batches
+    of it (batches.py gives every rank the same number: FSDP's collectives must match)."""
+    device = micro[0]["labels"].device
+    ce, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     model.eval()
     with torch.no_grad():
-        for batch in micro:
-            tokens += int((batch["labels"] != -100).sum())
-            ce += loss_sum(model, batch, args, ctx["sp_rank"], ctx["pad_id"], ctx["device"]).double()
+        for b in micro:
+            tokens += int((b["labels"] != -100).sum())
+            ce += loss_sum(model, b).double()
     model.train()
-    ce = all_sum(ce)  # (all ranks) sp slices are disjoint, so each token's CE is counted once
-    tokens = all_sum(torch.tensor(float(tokens), device=ctx["device"]), ctx["dp_group"])  # (all ranks) once per sp group
+    # (all ranks) sp slices are disjoint, so each trained token and its CE are counted once
+    ce, tokens = all_sum(ce), all_sum(torch.tensor(float(tokens), device=device))
     return float(ce / tokens.clamp(min=1))
 
 
@@ -416,11 +428,10 @@ def run(args):
     args.chat_template = templates.detect(args.partial_pretrain, args.chat_template)
     log(f"chat template: {args.chat_template} "
         + ("(recognised in the model dir)" if found else "(data.chat_template)"))
-    parallel.check_sp_size(args.sp_size, world_size, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    parallel.check_sp_heads(args.sp_size, cfg["num_attention_heads"], cfg["num_key_value_heads"])
     world_mesh, dp_sp = parallel.build_meshes(device.type, world_size, args.sp_size, args.fsdp_size)
     dp_size, sp_size = world_size // args.sp_size, args.sp_size
     dp_rank, sp_rank = dp_sp["dp"].get_local_rank(), dp_sp["sp"].get_local_rank()
-    dp_group, sp_group = dp_sp["dp"].get_group(), dp_sp["sp"].get_group()
     out = Path(args.default_local_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -428,13 +439,22 @@ def run(args):
         (out / "run.json").write_text(json.dumps(resolved, indent=2) + "\n")
         log("config: " + json.dumps(resolved))
 
-    # --- model: full weights on CPU, then Ulysses + FSDP2 shard them onto the device
-    model = build_model(args, device, world_mesh, sp_group)
+    # --- model: full weights on CPU in the master dtype (LoRA: frozen base, fp32 adapters, the same A on
+    # every rank: seeded), then recompute, Ulysses and FSDP2, which moves the shards to the device
+    master_dtype = torch.float32 if args.model_dtype in ("fp32", "float32") else torch.bfloat16
+    model = M.load_pretrained(args.partial_pretrain, dtype=master_dtype)
+    if args.lora_rank > 0:
+        lora.apply(model, args.lora_rank, args.lora_alpha, args.target_modules, seed=args.seed)
+    # Offloading only means something when the compute device is a GPU (on CPU the weights are there).
+    model = parallel.parallelize(model, world_mesh, dp_sp["sp"].get_group(), sp_size,
+                                 param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                 recompute=args.enable_gradient_checkpointing,
+                                 cpu_offload=(args.cpu_offload or args.offload_params) and device.type == "cuda")
     log(f"model: {M.num_params(model) / 1e6:.1f}M parameters, world {world_size} = dp {dp_size} x sp {sp_size}, "
         f"{'hsdp %d x %d, ' % world_mesh.shape if world_mesh.ndim == 2 else ''}{device.type}")
     trained = [p for p in model.parameters() if p.requires_grad]  # all, or only the LoRA adapters
     if args.lora_rank > 0:
-        n_trained, n_total = M.count_trained(model)
+        n_trained, n_total = lora.count_trained(model)
         log(f"LoRA r={args.lora_rank}: {fmt_count(n_trained)} of {fmt_count(n_total)} parameters trained")
 
     # --- data: rank 0 tokenizes (and fills the cache) first, the others then read the cache
@@ -462,10 +482,15 @@ def run(args):
         raise ConfigError(f"data.train_batch_size={args.train_batch_size} exceeds the {len(train)} training "
                           "samples; lower data.train_batch_size.")
     total_steps = steps_per_epoch * args.total_epochs
-    lengths = np.array([len(ids) for ids, _ in train])
     stop_at = min(total_steps, args.total_training_steps or total_steps)
     log(f"data: {len(train)} train samples{f', {len(val)} val' if val else ''}; {steps_per_epoch} steps/epoch "
         f"x {args.total_epochs} epochs = {total_steps} steps" + (f", stopping at {stop_at}" if stop_at < total_steps else ""))
+    # This rank's micro-batches of a global batch: fixed-size, or (use_dynamic_bsz) token budgets of
+    # max_token_len_per_gpu x sp size, since an sp group splits each packed stream sp_size ways.
+    rank_batches = functools.partial(
+        batches.micro_batches, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank, sp_size=sp_size,
+        micro_batch_size=args.micro_batch_size_per_gpu, packed=args.use_remove_padding, pad_id=pad_id, device=device,
+        max_tokens=args.max_token_len_per_gpu * sp_size if args.use_dynamic_bsz else None)
 
     # --- optimizer and schedule
     optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=tuple(args.betas),
@@ -474,14 +499,15 @@ def run(args):
         optimizer, lr_lambda(total_steps, args.warmup_steps_ratio, args.lr_scheduler))
 
     # --- resume: model, optimizer, scheduler, RNG and the data position of the latest checkpoint
-    position = dict(step=0, epoch=0, next_batch=0, skipped=0, consecutive_skips=0)
-    resume = checkpoint.find_resume(args)
+    pos = dict.fromkeys(checkpoint.POSITION, 0)
+    resume = checkpoint.find_resume(out, args.resume_mode, args.resume_from_path)
     if resume is not None:
-        position = checkpoint.load_checkpoint(resume, model, optimizer, scheduler, args, rank, device)
-        log(f"resumed from {resume}: step {position['step']}, epoch {position['epoch']}, "
-            f"batch {position['next_batch']} of {steps_per_epoch}")
-        if position["step"] >= stop_at:
-            log(f"nothing to do: {out} already holds step {position['step']} of {stop_at}; use a new "
+        pos = checkpoint.load_checkpoint(resume, model, optimizer, scheduler, config=resume_config(args),
+                                         lora=lora_spec(args), device=device)
+        log(f"resumed from {resume}: step {pos['step']}, epoch {pos['epoch']}, "
+            f"batch {pos['next_batch']} of {steps_per_epoch}")
+        if pos["step"] >= stop_at:
+            log(f"nothing to do: {out} already holds step {pos['step']} of {stop_at}; use a new "
                 "trainer.default_local_dir or trainer.resume_mode=disable to train again.")
             dist.destroy_process_group()
             return
@@ -496,78 +522,59 @@ def run(args):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    # --- loop
-    ctx = dict(device=device, pad_id=pad_id, sp_rank=sp_rank, dp_group=dp_group, world_size=world_size,
-               layout=batch_layout(args, dp_rank, dp_size, pad_id))
+    # --- loop: one optimizer step per global batch; pos is where a resume after this step starts
     peak = M.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    plotting = rank == 0  # rank 0 draws loss.png at each save; off once it could not (said once, not per save)
-    loggers = make_loggers(args, out, vars(args)) if rank == 0 else []
-    step, skipped, consecutive = position["step"], position["skipped"], position["consecutive_skips"]
-    t_start, first_step = time.time(), position["step"]
-    for epoch in range(position["epoch"], args.total_epochs):
-        batches = data.epoch_batches(len(train), args.train_batch_size, args.seed, epoch)
-        for b in range(position["next_batch"] if epoch == position["epoch"] else 0, len(batches)):
-            if step >= stop_at:
-                break
-            t0 = time.time()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)  # the peak reported is this step's
-            micro, samples = data.micro_batches(train, batches[b], lengths=lengths, **ctx["layout"])  # this rank's
-            train_loss, n_tokens = forward_backward(model, micro, args, ctx)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.clip_grad)  # (all ranks)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if math.isfinite(grad_norm):
-                optimizer.step()
-                consecutive = 0
-            else:
-                skipped, consecutive = skipped + 1, consecutive + 1
-                log(f"warning: step {step + 1}: non-finite grad norm, update skipped ({skipped} so far)")
-                if consecutive >= args.max_consecutive_skips:
-                    raise TrainingError(f"{consecutive} consecutive steps had a non-finite gradient norm (last: "
-                                        f"step {step + 1}); lower optim.lr or check the data, then resume from the "
-                                        "last checkpoint.")
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            seq_tokens = float(all_sum(torch.tensor(float(sum(len(s[0]) for s in samples)), device=device), dp_group))
-            dt = time.time() - t0
-            rec = {"step": step, "epoch": epoch, "train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                   "train/tokens": int(seq_tokens), "train/trained_tokens": int(n_tokens),
-                   "train/tokens_per_s_per_gpu": seq_tokens / dt / world_size, "train/skipped_steps": skipped}
-            line = (f"step {step}/{stop_at} | loss {train_loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
-                    f"{rec['train/tokens_per_s_per_gpu']:,.0f} tok/s/gpu")
-            if peak:
-                mean_len = seq_tokens / args.train_batch_size
-                rec["train/mfu"] = M.flops_per_token(cfg, mean_len) * seq_tokens / dt / world_size / peak
-                rec["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                line += f" | mfu {rec['train/mfu']:.1%} | mem {rec['train/peak_mem_gib']:.1f}G"
-            last = step == stop_at
-            if val is not None and (last or (args.test_freq > 0 and step % args.test_freq == 0)):
-                rec["val/loss"] = evaluate(model, val, args, ctx)
-                line += f" | val_loss {rec['val/loss']:.4f}"
-            line += f" | eta {fmt_time((time.time() - t_start) / (step - first_step) * (stop_at - step))}"
-            log(line, flush=True)
-            if metrics_file:
-                metrics_file.write(json.dumps(rec) + "\n")
-                metrics_file.flush()
-            for log_to in loggers:
-                log_to(rec)
-            stopping = bool(all_sum(torch.tensor(float(bool(received)))))  # (all ranks) agree to stop together
-            if last or stopping or (args.save_freq > 0 and step % args.save_freq == 0):
-                nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)  # where a resume starts
-                resume_at = dict(step=step, epoch=nxt[0], next_batch=nxt[1], skipped=skipped,
-                                 consecutive_skips=consecutive)
-                path = checkpoint.save_checkpoint(model, optimizer, scheduler, cfg, args, resume_at, rank, device)
-                png = plot.plot_metrics(out, f"{args.project_name}/{args.experiment_name}", log) if plotting else None
-                plotting = png is not None
-                log(f"saved {path}" + (f"; loss curve {png}" if png else ""))
-            if stopping:
-                log(f"stopped by signal after step {step}; rerun the same command to resume from {path}.")
-                dist.destroy_process_group()
-                return
-    log(f"done: {step} steps in {fmt_time(time.time() - t_start)}; checkpoints in {out}")
+    report = reporter(args, out, rank, pos["step"], stop_at, log)
+    t_start = time.time()
+    for epoch, indices, after in batches.schedule(len(train), args.train_batch_size, args.seed, args.total_epochs,
+                                                  pos["epoch"], pos["next_batch"]):
+        if pos["step"] >= stop_at:
+            break
+        t0 = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the peak reported is this step's
+        micro, _ = rank_batches(train, indices)
+        train_loss, n_tokens = forward_backward(model, micro, world_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.clip_grad)  # (all ranks)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        finite = math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        pos.update(step=pos["step"] + 1, epoch=after[0], next_batch=after[1], skipped=pos["skipped"] + (not finite),
+                   consecutive_skips=0 if finite else pos["consecutive_skips"] + 1)
+        step = pos["step"]
+        if not finite:
+            log(f"warning: step {step}: non-finite grad norm, update skipped ({pos['skipped']} so far)")
+            if pos["consecutive_skips"] >= args.max_consecutive_skips:
+                raise TrainingError(f"{pos['consecutive_skips']} consecutive steps had a non-finite gradient norm "
+                                    f"(last: step {step}); lower optim.lr or check the data, then resume from the "
+                                    "last checkpoint.")
+        seq_tokens = sum(len(train[i][0]) for i in indices)  # the whole batch's: every rank knows it
+        dt = time.time() - t0
+        rec = {"step": step, "epoch": epoch, "train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+               "train/tokens": int(seq_tokens), "train/trained_tokens": int(n_tokens),
+               "train/tokens_per_s_per_gpu": seq_tokens / dt / world_size, "train/skipped_steps": pos["skipped"]}
+        if peak:
+            rec["train/mfu"] = M.flops_per_token(cfg, seq_tokens / args.train_batch_size) * seq_tokens / dt / world_size / peak
+            rec["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        last = step == stop_at
+        if val is not None and (last or (args.test_freq > 0 and step % args.test_freq == 0)):
+            rec["val/loss"] = evaluate(model, rank_batches(val, np.arange(len(val)), max_tokens=None)[0])
+        stopping = bool(all_sum(torch.tensor(float(bool(received)))))  # (all ranks) agree to stop together
+        saved = None
+        if last or stopping or (args.save_freq > 0 and step % args.save_freq == 0):
+            saved = checkpoint.save_checkpoint(out, model, optimizer, scheduler, pos, cfg=cfg,
+                                               base_model=args.partial_pretrain, config=resume_config(args),
+                                               lora=lora_spec(args), keep=args.max_ckpt_to_keep, device=device)
+        report(rec, saved)
+        if stopping:
+            log(f"stopped by signal after step {step}; rerun the same command to resume from {saved}.")
+            dist.destroy_process_group()
+            return
+    log(f"done: {pos['step']} steps in {fmt_time(time.time() - t_start)}; checkpoints in {out}")
     dist.destroy_process_group()
 
 
