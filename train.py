@@ -346,6 +346,18 @@ def all_sum(x, group=None):
     return t
 
 
+def batcher(args, dp_sp, pad_id, device):
+    """(samples, global batch indices) -> this rank's micro-batches, ready for the forward, and its samples.
+    Fixed-size, or (use_dynamic_bsz) token budgets of max_token_len_per_gpu x sp size per micro-batch,
+    since an sp group splits each packed stream sp_size ways and each GPU still holds the budget."""
+    sp_size = dp_sp["sp"].size()
+    return functools.partial(
+        batches.micro_batches, dp_rank=dp_sp["dp"].get_local_rank(), dp_size=dp_sp["dp"].size(),
+        sp_rank=dp_sp["sp"].get_local_rank(), sp_size=sp_size, micro_batch_size=args.micro_batch_size_per_gpu,
+        packed=args.use_remove_padding, pad_id=pad_id, device=device,
+        max_tokens=args.max_token_len_per_gpu * sp_size if args.use_dynamic_bsz else None)
+
+
 def loss_sum(model, b):
     """Summed CE over one micro-batch as this rank holds it (with sp, its slice of the packed stream)."""
     return model(b["input_ids"], b["cu_seqlens"], b["position_ids"], b["max_seqlen"], labels=b["labels"])
@@ -431,7 +443,6 @@ def run(args):
     parallel.check_sp_heads(args.sp_size, cfg["num_attention_heads"], cfg["num_key_value_heads"])
     world_mesh, dp_sp = parallel.build_meshes(device.type, world_size, args.sp_size, args.fsdp_size)
     dp_size, sp_size = world_size // args.sp_size, args.sp_size
-    dp_rank, sp_rank = dp_sp["dp"].get_local_rank(), dp_sp["sp"].get_local_rank()
     out = Path(args.default_local_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -485,12 +496,7 @@ def run(args):
     stop_at = min(total_steps, args.total_training_steps or total_steps)
     log(f"data: {len(train)} train samples{f', {len(val)} val' if val else ''}; {steps_per_epoch} steps/epoch "
         f"x {args.total_epochs} epochs = {total_steps} steps" + (f", stopping at {stop_at}" if stop_at < total_steps else ""))
-    # This rank's micro-batches of a global batch: fixed-size, or (use_dynamic_bsz) token budgets of
-    # max_token_len_per_gpu x sp size, since an sp group splits each packed stream sp_size ways.
-    rank_batches = functools.partial(
-        batches.micro_batches, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank, sp_size=sp_size,
-        micro_batch_size=args.micro_batch_size_per_gpu, packed=args.use_remove_padding, pad_id=pad_id, device=device,
-        max_tokens=args.max_token_len_per_gpu * sp_size if args.use_dynamic_bsz else None)
+    rank_batches = batcher(args, dp_sp, pad_id, device)
 
     # --- optimizer and schedule
     optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=tuple(args.betas),

@@ -1,9 +1,12 @@
-"""Token-budget batching (data.use_dynamic_bsz): balanced dp shards and micro-batches under a token budget."""
+"""batches.py: epochs and dp shards, pack / pad, micro-batches of fixed size or under a token budget
+(data.use_dynamic_bsz) with token-balanced dp shards."""
 import math
 
 import numpy as np
 import pytest
+import torch
 
+import batches
 import data
 
 
@@ -17,7 +20,7 @@ def skewed_lengths(n, seed=0, max_len=4096):
 def test_balanced_shard_covers_each_sample_once(dp_size):
     lengths = skewed_lengths(500)
     batch = np.random.default_rng(1).permutation(500)[:64]
-    shards = [data.balanced_shard(lengths, batch, r, dp_size) for r in range(dp_size)]
+    shards = batches.balanced_shards(lengths[batch], batch, dp_size)
     assert sorted(np.concatenate(shards).tolist()) == sorted(batch.tolist())
     for s in shards:  # the batch's (shuffled) order is kept within a rank
         pos = [batch.tolist().index(i) for i in s]
@@ -28,42 +31,42 @@ def test_balanced_shard_balances_tokens():
     lengths = skewed_lengths(1000, seed=2)
     batch = np.arange(1000)[:256]
     dp = 4
-    loads = [lengths[data.balanced_shard(lengths, batch, r, dp)].sum() for r in range(dp)]
+    loads = [lengths[s].sum() for s in batches.balanced_shards(lengths[batch], batch, dp)]
     # Greedy to the least-loaded rank: the spread is at most one sample (the last one added to the fullest rank).
     assert max(loads) - min(loads) <= lengths[batch].max()
     assert max(loads) <= 1.02 * lengths[batch].sum() / dp
-    contiguous = [lengths[data.shard(batch, r, dp)].sum() for r in range(dp)]
+    contiguous = [lengths[batches.shard(batch, r, dp)].sum() for r in range(dp)]
     assert max(loads) <= max(contiguous)
 
 
 def test_balanced_shard_small_batch_and_determinism():
     lengths = np.array([5, 9, 9, 1])
     batch = np.array([3, 1, 2])
-    shards = [data.balanced_shard(lengths, batch, r, 4) for r in range(4)]
+    shards = batches.balanced_shards(lengths[batch], batch, 4)
     # ties broken by batch order then rank: the first 9 (index 1) goes to rank 0, the second to rank 1
     assert [s.tolist() for s in shards] == [[1], [2], [3], []]
-    again = [data.balanced_shard(lengths, batch, r, 4) for r in reversed(range(4))][::-1]
+    again = batches.balanced_shards(lengths[batch], batch, 4)
     assert all(np.array_equal(a, b) for a, b in zip(shards, again))
 
 
 @pytest.mark.parametrize("max_tokens", [4096, 8192, 16384])
 def test_micro_batches_respect_budget_and_cover_once(max_tokens):
     lengths = skewed_lengths(300, seed=3)
-    mbs = data.token_budget_micro_batches(lengths, max_tokens)
+    mbs = batches.token_budget_micro_batches(lengths, max_tokens)
     assert sorted(i for mb in mbs for i in mb) == list(range(300))
     assert all(sum(lengths[i] for i in mb) <= max_tokens for mb in mbs)
     lower = math.ceil(lengths.sum() / max_tokens)  # no packing can do better
     assert len(mbs) <= math.ceil(11 / 9 * lower) + 1
-    assert mbs == data.token_budget_micro_batches(list(lengths), max_tokens)  # deterministic, list or array
+    assert mbs == batches.token_budget_micro_batches(list(lengths), max_tokens)  # deterministic, list or array
 
 
 def test_micro_batches_exact_cases():
-    assert data.token_budget_micro_batches([], 10) == []
-    mbs = data.token_budget_micro_batches([4, 6, 5, 5], 10)
+    assert batches.token_budget_micro_batches([], 10) == []
+    mbs = batches.token_budget_micro_batches([4, 6, 5, 5], 10)
     assert mbs == [[0, 1], [2, 3]]  # 6 then 5, 5 then 4 fills the first: 6+4 and 5+5
-    assert data.token_budget_micro_batches([10, 10, 3], 10) == [[0], [1], [2]]
+    assert batches.token_budget_micro_batches([10, 10, 3], 10) == [[0], [1], [2]]
     with pytest.raises(data.DataError, match="max_token_len_per_gpu"):
-        data.token_budget_micro_batches([3, 11], 10)
+        batches.token_budget_micro_batches([3, 11], 10)
 
 
 def test_micro_batches_pack_within_budget():
@@ -71,6 +74,93 @@ def test_micro_batches_pack_within_budget():
     rng = np.random.default_rng(4)
     samples = [(rng.integers(0, 50, n), np.ones(n, dtype=np.uint8)) for n in rng.integers(1, 40, 30)]
     lengths = [len(ids) for ids, _ in samples]
-    packs = [data.pack([samples[i] for i in mb]) for mb in data.token_budget_micro_batches(lengths, 64)]
+    packs = [batches.pack([samples[i] for i in mb]) for mb in batches.token_budget_micro_batches(lengths, 64)]
     assert all(p["input_ids"].numel() <= 64 for p in packs)
     assert sum(p["input_ids"].numel() for p in packs) == sum(lengths)
+
+
+# --- batches, pack, pad -----------------------------------------------------------------------------
+
+def test_epoch_batches_and_shard():
+    n, bs, dp = 103, 8, 4
+    epochs = [batches.epoch_batches(n, bs, seed=1, epoch=e) for e in range(3)]
+    assert epochs[0].shape == (n // bs, bs)
+    for order in epochs:
+        per_rank = [np.concatenate([batches.shard(b, r, dp) for b in order]) for r in range(dp)]
+        seen = np.concatenate(per_rank)
+        # each sample at most once; only the drop-last remainder is missing
+        assert len(seen) == len(set(seen.tolist())) == (n // bs) * bs
+        assert all(len(batches.shard(order[0], r, dp)) == bs // dp for r in range(dp))
+        assert np.array_equal(np.concatenate([batches.shard(order[0], r, dp) for r in range(dp)]), order[0])
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert np.array_equal(epochs[1], batches.epoch_batches(n, bs, seed=1, epoch=1))
+    assert not np.array_equal(epochs[0], batches.epoch_batches(n, bs, seed=2, epoch=0))
+    # over an epoch with no remainder every sample is seen exactly once
+    assert sorted(batches.epoch_batches(96, 8, 0, 5).reshape(-1).tolist()) == list(range(96))
+
+
+def random_samples(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 1000, L).astype(np.int64), (rng.random(L) < 0.6).astype(np.uint8))
+            for L in lengths]
+
+
+def test_pack_invariants():
+    samples = random_samples([5, 1, 9, 3])
+    b = batches.pack(samples)
+    assert b["input_ids"].dtype == torch.int64 and b["labels"].dtype == torch.int64
+    assert b["cu_seqlens"].dtype == torch.int32 and b["cu_seqlens"].tolist() == [0, 5, 6, 15, 18]
+    assert b["max_seqlen"] == 9 and isinstance(b["max_seqlen"], int)
+    cu = b["cu_seqlens"].tolist()
+    for i, (ids, mask) in enumerate(samples):
+        s, e = cu[i], cu[i + 1]
+        assert b["input_ids"][s:e].tolist() == ids.tolist()
+        assert b["position_ids"][s:e].tolist() == list(range(e - s))
+        labels = b["labels"][s:e].tolist()
+        assert labels[-1] == -100  # never a target in the next sample
+        assert labels[:-1] == [int(t) if m else -100 for t, m in zip(ids[1:], mask[1:])]
+
+
+def test_pad_invariants_and_pad_equals_pack():
+    samples = random_samples([4, 7, 2], seed=1)
+    b, p = batches.pad(samples, pad_id=99), batches.pack(samples)
+    L = 7
+    assert b["input_ids"].shape == (3 * L,) and b["max_seqlen"] == L
+    assert b["cu_seqlens"].tolist() == [0, 7, 14, 21] and b["cu_seqlens"].dtype == torch.int32
+    assert b["position_ids"].tolist() == list(range(L)) * 3
+    for i, (ids, _) in enumerate(samples):
+        row, lab = b["input_ids"][i * L:(i + 1) * L], b["labels"][i * L:(i + 1) * L]
+        assert row[:len(ids)].tolist() == ids.tolist() and (row[len(ids):] == 99).all()
+        assert (lab[len(ids) - 1:] == -100).all()
+        s = p["cu_seqlens"][i]
+        assert lab[:len(ids)].tolist() == p["labels"][s:s + len(ids)].tolist()
+
+
+def test_micro_batches_need_no_collective():
+    # every rank's count is computed locally: all ranks agree on the number of micro-batches, and
+    # the ranks' samples together are the batch, for fixed sizes (dividing or not) and token budgets
+    lengths = np.random.default_rng(0).integers(1, 60, 40)
+    samples = [(np.arange(n), np.ones(n, dtype=np.uint8)) for n in lengths]
+    batch = np.random.default_rng(1).permutation(40)[:24]
+    for kw in (dict(micro_batch_size=3), dict(micro_batch_size=4, packed=False), dict(max_tokens=64),
+               dict(micro_batch_size=2, max_tokens=None)):
+        for dp_size in (1, 3, 5):
+            out = [batches.micro_batches(samples, batch, dp_rank=r, dp_size=dp_size, **kw)
+                   for r in range(dp_size)]
+            assert len({len(micro) for micro, _ in out}) == 1
+            seen = sorted(len(ids) for _, mine in out for ids, _ in mine)
+            assert seen == sorted(lengths[batch].tolist())
+            for micro, mine in out:  # padding micro-batches train nothing
+                assert sum(int((m["labels"] != -100).sum()) for m in micro) == sum(len(i) - 1 for i, _ in mine)
+
+
+def test_sp_slice_pads_with_own_segment():
+    batch = dict(input_ids=torch.arange(5), position_ids=torch.tensor([0, 1, 2, 0, 1]),
+                 labels=torch.tensor([1, 2, -100, 4, -100]), cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.int32),
+                 max_seqlen=3)
+    parts = [batches.sp_slice(batch, r, 4, pad_id=99) for r in range(4)]
+    assert all(p["input_ids"].numel() == 2 for p in parts)
+    assert parts[0]["cu_seqlens"].tolist() == [0, 3, 5, 8]
+    assert torch.cat([p["input_ids"] for p in parts]).tolist() == [0, 1, 2, 3, 4, 99, 99, 99]
+    assert torch.cat([p["labels"] for p in parts]).tolist()[5:] == [-100] * 3
+    assert torch.cat([p["position_ids"] for p in parts]).tolist() == [0, 1, 2, 0, 1, 0, 1, 2]

@@ -7,7 +7,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 import data
 import templates
@@ -240,63 +239,6 @@ def test_cache_reuse_and_rebuild(tmp_path, tokenizer, monkeypatch):
     assert len(changed) == 1 and len(list(cache.glob("*.npz"))) == 3
 
 
-# --- batches, pack, pad -----------------------------------------------------------------------------
-
-def test_epoch_batches_and_shard():
-    n, bs, dp = 103, 8, 4
-    epochs = [data.epoch_batches(n, bs, seed=1, epoch=e) for e in range(3)]
-    assert epochs[0].shape == (n // bs, bs)
-    for batches in epochs:
-        per_rank = [np.concatenate([data.shard(b, r, dp) for b in batches]) for r in range(dp)]
-        seen = np.concatenate(per_rank)
-        # each sample at most once; only the drop-last remainder is missing
-        assert len(seen) == len(set(seen.tolist())) == (n // bs) * bs
-        assert all(len(data.shard(batches[0], r, dp)) == bs // dp for r in range(dp))
-        assert np.array_equal(np.concatenate([data.shard(batches[0], r, dp) for r in range(dp)]), batches[0])
-    assert not np.array_equal(epochs[0], epochs[1])
-    assert np.array_equal(epochs[1], data.epoch_batches(n, bs, seed=1, epoch=1))
-    assert not np.array_equal(epochs[0], data.epoch_batches(n, bs, seed=2, epoch=0))
-    # over an epoch with no remainder every sample is seen exactly once
-    assert sorted(data.epoch_batches(96, 8, 0, 5).reshape(-1).tolist()) == list(range(96))
-
-
-def random_samples(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(0, 1000, L).astype(np.int64), (rng.random(L) < 0.6).astype(np.uint8))
-            for L in lengths]
-
-
-def test_pack_invariants():
-    samples = random_samples([5, 1, 9, 3])
-    b = data.pack(samples)
-    assert b["input_ids"].dtype == torch.int64 and b["labels"].dtype == torch.int64
-    assert b["cu_seqlens"].dtype == torch.int32 and b["cu_seqlens"].tolist() == [0, 5, 6, 15, 18]
-    assert b["max_seqlen"] == 9 and isinstance(b["max_seqlen"], int)
-    cu = b["cu_seqlens"].tolist()
-    for i, (ids, mask) in enumerate(samples):
-        s, e = cu[i], cu[i + 1]
-        assert b["input_ids"][s:e].tolist() == ids.tolist()
-        assert b["position_ids"][s:e].tolist() == list(range(e - s))
-        labels = b["labels"][s:e].tolist()
-        assert labels[-1] == -100  # never a target in the next sample
-        assert labels[:-1] == [int(t) if m else -100 for t, m in zip(ids[1:], mask[1:])]
-
-
-def test_pad_invariants_and_pad_equals_pack():
-    samples = random_samples([4, 7, 2], seed=1)
-    b, p = data.pad(samples, pad_id=99), data.pack(samples)
-    L = 7
-    assert b["input_ids"].shape == (3 * L,) and b["max_seqlen"] == L
-    assert b["cu_seqlens"].tolist() == [0, 7, 14, 21] and b["cu_seqlens"].dtype == torch.int32
-    assert b["position_ids"].tolist() == list(range(L)) * 3
-    for i, (ids, _) in enumerate(samples):
-        row, lab = b["input_ids"][i * L:(i + 1) * L], b["labels"][i * L:(i + 1) * L]
-        assert row[:len(ids)].tolist() == ids.tolist() and (row[len(ids):] == 99).all()
-        assert (lab[len(ids) - 1:] == -100).all()
-        s = p["cu_seqlens"][i]
-        assert lab[:len(ids)].tolist() == p["labels"][s:s + len(ids)].tolist()
-
-
 # --- inspect CLI ------------------------------------------------------------------------------------
 
 @needs_tokenizer
@@ -422,24 +364,6 @@ def test_directory_of_mixed_files(tmp_path):
     with pytest.raises(data.DataError, match=r"row 0 of .*b\.jsonl: message 0 has unknown role"):
         write_json(tmp_path / "b.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}], lines=True)
         data.read_rows(tmp_path)
-
-
-def test_micro_batches_need_no_collective():
-    # every rank's count is computed locally: all ranks agree on the number of micro-batches, and
-    # the ranks' samples together are the batch, for fixed sizes (dividing or not) and token budgets
-    lengths = np.random.default_rng(0).integers(1, 60, 40)
-    samples = [(np.arange(n), np.ones(n, dtype=np.uint8)) for n in lengths]
-    batch = np.random.default_rng(1).permutation(40)[:24]
-    for kw in (dict(micro_batch_size=3), dict(micro_batch_size=4, packed=False), dict(max_tokens=64),
-               dict(micro_batch_size=2, max_tokens=None)):
-        for dp_size in (1, 3, 5):
-            out = [data.micro_batches(samples, batch, dp_rank=r, dp_size=dp_size, lengths=lengths, **kw)
-                   for r in range(dp_size)]
-            assert len({len(micro) for micro, _ in out}) == 1
-            seen = sorted(len(ids) for _, mine in out for ids, _ in mine)
-            assert seen == sorted(lengths[batch].tolist())
-            for micro, mine in out:  # padding micro-batches train nothing
-                assert sum(int((m["labels"] != -100).sum()) for m in micro) == sum(len(i) - 1 for i, _ in mine)
 
 
 @needs_tokenizer

@@ -9,10 +9,11 @@ from safetensors.torch import load_file
 
 import checkpoint
 import demo
+import lora
 import model as M
 import train
 from test_resume import job_args, metrics, run_train
-from test_train import model_dir, one_step, tiny_model  # noqa: F401 (model_dir: a fixture)
+from test_train import model_dir, one_step, save, tiny_model  # noqa: F401 (model_dir: a fixture)
 from tests_util import distributed
 
 
@@ -40,13 +41,13 @@ def set_lora_b(model, seed=0, std=0.05):
 
 def lora_model(base_dir, targets=("all-linear",)):
     """Our model on the weights of base_dir with LoRA (non-zero B) on the given targets."""
-    m = M.apply_lora(M.load_pretrained(base_dir), RANK, ALPHA, list(targets), seed=5)
+    m = lora.apply(M.load_pretrained(base_dir), RANK, ALPHA, list(targets), seed=5)
     set_lora_b(m)
     return m
 
 
 def adapters(model):
-    return {k: v for k, v in model.state_dict().items() if M.is_lora_key(k)}
+    return {k: v for k, v in model.state_dict().items() if lora.is_lora_key(k)}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ CU = torch.tensor([0, 23], dtype=torch.int32)
 @pytest.mark.parametrize("targets", [("all-linear",), ("q_proj", "v_proj", "down_proj")])
 def test_lora_equals_peft_logits_and_gradients(base_dir, targets):
     ours = lora_model(base_dir, targets)
-    names = M.lora_target_names(list(targets))
+    names = lora.target_names(list(targets))
     ref = peft().get_peft_model(hf_model(base_dir), peft().LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=names,
                                                                 lora_dropout=0.0))
     # Our key `x.lora_A.weight` is peft's `base_model.model.x.lora_A.default.weight`.
@@ -100,12 +101,12 @@ def test_lora_equals_peft_logits_and_gradients(base_dir, targets):
 
 def test_init_is_peft_default(base_dir):
     """A: kaiming-uniform(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)), the same law as peft's; B = 0."""
-    ours = M.apply_lora(M.load_pretrained(base_dir), 16, ALPHA, ["all-linear"], seed=0)
+    ours = lora.apply(M.load_pretrained(base_dir), 16, ALPHA, ["all-linear"], seed=0)
     torch.manual_seed(0)
     ref = peft().get_peft_model(hf_model(base_dir), peft().LoraConfig(r=16, lora_alpha=ALPHA, target_modules="all-linear"))
     theirs = {k.removeprefix("base_model.model.").replace(".default", ""): v for k, v in ref.state_dict().items()}
     ours_sd = adapters(ours)
-    assert set(ours_sd) == {k for k in theirs if M.is_lora_key(k)}
+    assert set(ours_sd) == {k for k in theirs if lora.is_lora_key(k)}
     for k, a in ours_sd.items():
         if ".lora_B." in k:
             assert a.dtype == torch.float32 and not a.any() and not theirs[k].any()
@@ -117,7 +118,7 @@ def test_init_is_peft_default(base_dir):
             assert x.std() == pytest.approx(bound / math.sqrt(3), rel=0.12)  # std of U(-b, b)
             assert abs(float(x.mean())) < 0.1 * bound
     # The seed decides A; different layers get different draws.
-    again = M.apply_lora(M.load_pretrained(base_dir), 16, ALPHA, ["all-linear"], seed=0)
+    again = lora.apply(M.load_pretrained(base_dir), 16, ALPHA, ["all-linear"], seed=0)
     assert all(torch.equal(v, adapters(again)[k]) for k, v in ours_sd.items())
     qa = [v for k, v in ours_sd.items() if k.endswith("q_proj.lora_A.weight")]
     assert not torch.equal(qa[0], qa[1])
@@ -130,8 +131,8 @@ def test_merged_and_adapter_load_without_and_with_peft(base_dir, tmp_path):
     state = ours.state_dict()
 
     # Merged: a plain model (ours, and transformers' without peft) computes the adapted logits.
-    merged = M.merge_lora(state, RANK, ALPHA)
-    assert not any(M.is_lora_key(k) for k in merged) and set(merged) == set(M.load_pretrained(base_dir).state_dict())
+    merged = lora.merge(state, RANK, ALPHA)
+    assert not any(lora.is_lora_key(k) for k in merged) and set(merged) == set(M.load_pretrained(base_dir).state_dict())
     plain = M.load_state_dict_into(M.build_random(CFG), merged)
     M.save_state_dict(merged, CFG, tmp_path / "merged")
     with torch.no_grad():
@@ -140,7 +141,7 @@ def test_merged_and_adapter_load_without_and_with_peft(base_dir, tmp_path):
                                    rtol=1e-5, atol=1e-5)
 
     # Adapter: PEFT's layout; PeftModel.from_pretrained on the base gives the same logits.
-    M.save_lora_adapter(state, tmp_path / "adapter", RANK, ALPHA, ["all-linear"], base_model=base_dir)
+    lora.save_adapter(state, tmp_path / "adapter", RANK, ALPHA, ["all-linear"], base_model=base_dir)
     keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 2 * 7 * 2
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -153,21 +154,21 @@ def test_merged_and_adapter_load_without_and_with_peft(base_dir, tmp_path):
 
 
 def test_bf16_base_with_fp32_adapters_without_fsdp(base_dir):
-    ours = M.apply_lora(M.load_pretrained(base_dir, dtype=torch.bfloat16), RANK, ALPHA, ["all-linear"])
+    ours = lora.apply(M.load_pretrained(base_dir, dtype=torch.bfloat16), RANK, ALPHA, ["all-linear"])
     dtypes = {k: p.dtype for k, p in ours.named_parameters()}
-    assert all(d == (torch.float32 if M.is_lora_key(k) else torch.bfloat16) for k, d in dtypes.items())
+    assert all(d == (torch.float32 if lora.is_lora_key(k) else torch.bfloat16) for k, d in dtypes.items())
     assert ours(IDS, CU).dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- trainer: step equalities
 
 def _lora_step_worker(rank, world_size, model_dir, variants, save_dir):
-    real_apply = M.apply_lora
+    real_apply = lora.apply
 
     def apply_with_trained_b(*a, **k):  # the trainer's own build path, with B as after some training
         set_lora_b(real_apply(*a, **k), seed=7)
         return a[0]
-    M.apply_lora = apply_with_trained_b
+    lora.apply = apply_with_trained_b
     results = []
     for v in variants:
         args = train.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}",
@@ -178,8 +179,8 @@ def _lora_step_worker(rank, world_size, model_dir, variants, save_dir):
                                  "model.lora_alpha=8", "model.target_modules=[q_proj,v_proj,o_proj,up_proj,down_proj]",
                                  f"trainer.default_local_dir={save_dir}", "optim.lr=1e-2", "optim.weight_decay=0.1"])
         train.validate(args, world_size)
-        model, ctx = tiny_model(args, world_size)
-        loss, n_tokens = one_step(model, args, ctx)
+        model, rank_batches = tiny_model(args, world_size)
+        loss, n_tokens = one_step(model, rank_batches)
         trained = [p for p in model.parameters() if p.requires_grad]
         assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, 1e9).full_tensor())  # (all ranks)
@@ -193,8 +194,7 @@ def _lora_step_worker(rank, world_size, model_dir, variants, save_dir):
             optimizer.step()
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
             position = dict(step=1, epoch=0, next_batch=1, skipped=0, consecutive_skips=0)
-            checkpoint.save_checkpoint(model, optimizer, scheduler, M.read_config(model_dir), args, position, rank,
-                                       torch.device("cpu"))
+            save(args, model, optimizer, scheduler, M.read_config(model_dir), position)
             results[-1].update(before=before, after=full(),
                                optim_keys=sorted(checkpoint.get_state_dict(model, optimizer)[1]["state"]))
     return results
@@ -248,7 +248,7 @@ def test_a_step_changes_only_the_adapters_and_saves_both_forms(two_processes, mo
     results, save = two_processes
     r = results[0][0]
     for k, before in r["before"].items():
-        if M.is_lora_key(k):
+        if lora.is_lora_key(k):
             assert not torch.equal(r["after"][k], before), k
         else:
             assert torch.equal(r["after"][k], before), k  # the frozen base is bit-identical (no weight decay)
@@ -262,11 +262,11 @@ def test_a_step_changes_only_the_adapters_and_saves_both_forms(two_processes, mo
     # huggingface/ == the trained base + (alpha / r) B A in bf16, exactly; lora_adapter/ == the adapters.
     adapter = {k.removeprefix("base_model.model."): v
                for k, v in load_file(step / "lora_adapter" / "adapter_model.safetensors").items()}
-    assert adapter.keys() == {k for k in r["after"] if M.is_lora_key(k)}
+    assert adapter.keys() == {k for k in r["after"] if lora.is_lora_key(k)}
     for k, v in adapter.items():
         assert torch.equal(v, r["after"][k])
     hf = load_file(step / "huggingface" / "model.safetensors")
-    expect = M.merge_lora(r["after"], 4, 8)
+    expect = lora.merge(r["after"], 4, 8)
     assert set(hf) == set(expect) - {"lm_head.weight"}  # tied
     for k, v in hf.items():
         assert v.dtype == torch.bfloat16 and torch.equal(v, expect[k].to(torch.bfloat16)), k
@@ -300,7 +300,7 @@ def test_resume_is_exact_and_checkpoints_load(tmp_path):
 
     # Both checkpoint forms load: huggingface/ in transformers without peft, lora_adapter/ with peft
     # on the base, and both give the trained LoRA model's logits.
-    ours = M.apply_lora(M.load_pretrained(paths["model"]), 8, 16, ["all-linear"])
+    ours = lora.apply(M.load_pretrained(paths["model"]), 8, 16, ["all-linear"])
     ours.load_state_dict({k.removeprefix("base_model.model."): v for k, v in wa.items()}, strict=False)
     ids = torch.arange(40) % 900
     with torch.no_grad():

@@ -46,19 +46,8 @@ def test_ulysses_matches_single_process():
 
 def test_impossible_sp_sizes():
     with pytest.raises(parallel.ParallelError, match="use one of \\[1, 2, 14\\]"):
-        parallel.check_sp_size(4, 4, 14, 2)
+        parallel.check_sp_heads(4, 14, 2)
     with pytest.raises(parallel.ParallelError, match="must divide the number of processes"):
-        parallel.check_sp_size(2, 3, 14, 2)
-    parallel.check_sp_size(14, 14, 14, 2)
-
-
-def test_sp_slice_pads_with_own_segment():
-    batch = dict(input_ids=torch.arange(5), position_ids=torch.tensor([0, 1, 2, 0, 1]),
-                 labels=torch.tensor([1, 2, -100, 4, -100]), cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.int32),
-                 max_seqlen=3)
-    parts = [parallel.sp_slice(batch, r, 4, pad_id=99) for r in range(4)]
-    assert all(p["input_ids"].numel() == 2 for p in parts)
-    assert parts[0]["cu_seqlens"].tolist() == [0, 3, 5, 8]
-    assert torch.cat([p["input_ids"] for p in parts]).tolist() == [0, 1, 2, 3, 4, 99, 99, 99]
-    assert torch.cat([p["labels"] for p in parts]).tolist()[5:] == [-100] * 3
-    assert torch.cat([p["position_ids"] for p in parts]).tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+        parallel.check_sizes(3, 2, -1)
+    parallel.check_sizes(14, 14, -1)
+    parallel.check_sp_heads(14, 14, 2)

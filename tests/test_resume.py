@@ -131,17 +131,17 @@ def test_repeated_nonfinite_grads_stop_the_run(tiny_job, tmp_path):
 # --------------------------------------------------------------------------- crashes while saving
 
 def _crash_worker(rank, world_size, paths, out):
+    from test_train import load, tiny_model
+    from test_train import save as save_as_run
     args = train.parse_args(job_args(paths, out, "trainer.max_ckpt_to_keep=5"))
-    world_mesh, dp_sp = train.parallel.build_meshes("cpu", world_size, 1)
-    model = train.build_model(args, torch.device("cpu"), world_mesh, dp_sp["sp"].get_group())
+    model, _ = tiny_model(args, world_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     cfg = M.read_config(paths["model"])
-    cpu = torch.device("cpu")
 
     def save(step):
         pos = dict(step=step, epoch=0, next_batch=step, skipped=0, consecutive_skips=0)
-        return checkpoint.save_checkpoint(model, optimizer, scheduler, cfg, args, pos, rank, cpu)
+        return save_as_run(args, model, optimizer, scheduler, cfg, pos)
     save(1)
     seen = {}
     real_write_hf, real_replace = checkpoint.write_hf, os.replace
@@ -164,8 +164,8 @@ def _crash_worker(rank, world_size, paths, out):
     except KeyboardInterrupt:
         seen["killed"] = True
     os.replace = real_replace
-    seen["resume_from"] = str(checkpoint.find_resume(args))
-    checkpoint.load_checkpoint(checkpoint.find_resume(args), model, optimizer, scheduler, args, rank, cpu)
+    seen["resume_from"] = str(checkpoint.find_resume(out))
+    load(args, checkpoint.find_resume(out), model, optimizer, scheduler)
     return seen
 
 
@@ -180,13 +180,10 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_job, tmp_path):
 
 
 def test_resume_errors(tmp_path):
-    args = train.parse_args(["data.train_files=x", "model.partial_pretrain=y", f"trainer.default_local_dir={tmp_path}"])
-    assert checkpoint.find_resume(args) is None  # nothing saved yet: a fresh start
+    assert checkpoint.find_resume(tmp_path) is None  # nothing saved yet: a fresh start
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("7\n")
     with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
-        checkpoint.find_resume(args)
-    args.resume_mode = "disable"
-    assert checkpoint.find_resume(args) is None
-    args.resume_mode, args.resume_from_path = "resume_path", str(tmp_path / "nope")
+        checkpoint.find_resume(tmp_path)
+    assert checkpoint.find_resume(tmp_path, "disable") is None
     with pytest.raises(checkpoint.CheckpointError, match="resume_from_path=.* is not a complete checkpoint"):
-        checkpoint.find_resume(args)
+        checkpoint.find_resume(tmp_path, "resume_path", str(tmp_path / "nope"))

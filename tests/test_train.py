@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import batches
+import lora
 import model as M
 import parallel
 import checkpoint
@@ -116,17 +117,34 @@ def samples():
 
 
 def tiny_model(args, world_size, fsdp_size=-1, compute_dtype=None):
+    """The training model and this rank's batching, built as train.run builds them (compute_dtype
+    bf16 runs the GPU recipe on CPU)."""
     world_mesh, dp_sp = parallel.build_meshes("cpu", world_size, args.sp_size, fsdp_size)
-    dp_rank, dp_size = dp_sp["dp"].get_local_rank(), world_size // args.sp_size
-    model = train.build_model(args, torch.device("cpu"), world_mesh, dp_sp["sp"].get_group(), compute_dtype=compute_dtype)
-    ctx = dict(device=torch.device("cpu"), pad_id=0, sp_rank=dp_sp["sp"].get_local_rank(),
-               dp_group=dp_sp["dp"].get_group(), world_size=world_size, layout=train.batch_layout(args, dp_rank, dp_size, 0))
-    return model, ctx
+    master_dtype = torch.float32 if args.model_dtype in ("fp32", "float32") else torch.bfloat16
+    model = M.load_pretrained(args.partial_pretrain, dtype=master_dtype)
+    if args.lora_rank > 0:
+        lora.apply(model, args.lora_rank, args.lora_alpha, args.target_modules, seed=args.seed)
+    model = parallel.parallelize(model, world_mesh, dp_sp["sp"].get_group(), args.sp_size,
+                                 param_dtype=compute_dtype or torch.float32, recompute=args.enable_gradient_checkpointing)
+    return model, train.batcher(args, dp_sp, 0, torch.device("cpu"))
 
 
-def one_step(model, args, ctx, batch=np.arange(8)):
-    micro, _ = data.micro_batches(samples(), batch, lengths=np.array(LENGTHS), **ctx["layout"])
-    return train.forward_backward(model, micro, args, ctx)
+def one_step(model, rank_batches, batch=np.arange(8)):
+    micro, _ = rank_batches(samples(), batch)
+    return train.forward_backward(model, micro, torch.distributed.get_world_size())
+
+
+def save(args, model, optimizer, scheduler, cfg, position):
+    """checkpoint.save_checkpoint as train.run calls it."""
+    return checkpoint.save_checkpoint(args.default_local_dir, model, optimizer, scheduler, position, cfg=cfg,
+                                      base_model=args.partial_pretrain, config=train.resume_config(args),
+                                      lora=train.lora_spec(args), keep=args.max_ckpt_to_keep)
+
+
+def load(args, path, model, optimizer, scheduler):
+    """checkpoint.load_checkpoint as train.run calls it."""
+    return checkpoint.load_checkpoint(path, model, optimizer, scheduler, config=train.resume_config(args),
+                                      lora=train.lora_spec(args))
 
 
 def _step_worker(rank, world_size, model_dir, variants, save_dir):
@@ -139,8 +157,8 @@ def _step_worker(rank, world_size, model_dir, variants, save_dir):
                                  f"trainer.default_local_dir={save_dir}", "optim.lr=1e-2",
                                  f"data.use_dynamic_bsz={'dynamic' in v}", f"data.max_token_len_per_gpu={v.get('dynamic', 20)}"])
         train.validate(args, world_size)
-        model, ctx = tiny_model(args, world_size, v.get("fsdp", -1), torch.bfloat16 if v.get("bf16") else None)
-        loss, n_tokens = one_step(model, args, ctx)
+        model, rank_batches = tiny_model(args, world_size, v.get("fsdp", -1), torch.bfloat16 if v.get("bf16") else None)
+        loss, n_tokens = one_step(model, rank_batches)
         grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
         # clip_grad_norm_ over DTensor gradients (2-D on HSDP) must give the global norm
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
@@ -150,8 +168,7 @@ def _step_worker(rank, world_size, model_dir, variants, save_dir):
             optimizer.step()
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
             position = dict(step=1, epoch=0, next_batch=1, skipped=0, consecutive_skips=0)
-            checkpoint.save_checkpoint(model, optimizer, scheduler, M.read_config(model_dir), args, position, rank,
-                                  torch.device("cpu"))
+            save(args, model, optimizer, scheduler, M.read_config(model_dir), position)
             full = {k: t.to(torch.bfloat16).float() for k, t in model.state_dict().items()}
             full = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t) for k, t in full.items()}
             results.append(full)
@@ -211,7 +228,7 @@ def test_two_process_equalities(one_process, two_processes, i, what):
 def _resume_worker(rank, world_size, model_dir, out, layouts):
     """Per (a, b): two steps with fsdp_size=a, a checkpoint after the first; then the second step
     again after resuming that checkpoint into fsdp_size=b. Returns (loss, weights) of step 2 both ways."""
-    cpu, results = torch.device("cpu"), []
+    results = []
     for a, b in layouts:
         args = train.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}",
                                  "data.train_batch_size=4", "data.micro_batch_size_per_gpu=1", "use_remove_padding=true",
@@ -219,21 +236,20 @@ def _resume_worker(rank, world_size, model_dir, out, layouts):
                                  f"trainer.default_local_dir={out / f'{a}_to_{b}'}"])
         runs = []
         for fsdp_size, resumed in ((a, False), (b, True)):
-            model, ctx = tiny_model(args, world_size, fsdp_size)
+            model, rank_batches = tiny_model(args, world_size, fsdp_size)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 ** s)
             if resumed:
-                checkpoint.load_checkpoint(out / f"{a}_to_{b}" / "global_step_1", model, optimizer, scheduler, args,
-                                           rank, cpu)
+                load(args, out / f"{a}_to_{b}" / "global_step_1", model, optimizer, scheduler)
             for step in (1,) if resumed else (0, 1):
-                loss, _ = one_step(model, args, ctx, batch=np.arange(4) + 4 * step)
+                loss, _ = one_step(model, rank_batches, batch=np.arange(4) + 4 * step)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # (all ranks) clips: the norm matters
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 if step == 0:
                     position = dict(step=1, epoch=0, next_batch=1, skipped=0, consecutive_skips=0)
-                    checkpoint.save_checkpoint(model, optimizer, scheduler, TINY, args, position, rank, cpu)
+                    save(args, model, optimizer, scheduler, TINY, position)
             runs.append((loss, {k: t.full_tensor() for k, t in model.state_dict().items()}))
         results.append(runs)
     return results
@@ -251,7 +267,7 @@ def test_resume_across_hsdp_and_fsdp_layouts(model_dir, tmp_path):
 
 def test_loss_is_token_mean(one_process, model_dir):
     m = M.load_pretrained(model_dir)
-    b = data.pack(samples())
+    b = batches.pack(samples())
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(m(b["input_ids"], b["cu_seqlens"]), b["labels"], ignore_index=-100)
     assert one_process[0][0] == pytest.approx(float(ce), rel=1e-5)
@@ -267,7 +283,7 @@ def test_checkpoint_reloads_to_the_trained_weights(two_processes):
     loaded = M.load_pretrained(hf)
     ref = M.build_random(TINY)
     M.load_state_dict_into(ref, trained)
-    b = data.pack(samples())
+    b = batches.pack(samples())
     with torch.no_grad():
         assert torch.equal(loaded(b["input_ids"], b["cu_seqlens"]), ref(b["input_ids"], b["cu_seqlens"]))
 
