@@ -288,26 +288,20 @@ def lr_lambda(total_steps, warmup_ratio, kind):
     return f
 
 
-def make_loggers(args, out, resolved):
-    """Functions rec -> None for the loggers asked for besides the console (rank 0 only)."""
-    loggers = []
-    if "wandb" in args.logger:
-        import wandb
-        run = wandb.init(project=args.project_name, name=args.experiment_name, config=resolved)
-        loggers.append(lambda rec: run.log(rec, step=rec["step"]))
-    if "tensorboard" in args.logger:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
-        loggers.append(lambda rec: [writer.add_scalar(k, v, rec["step"]) for k, v in rec.items() if k != "step"])
-    return loggers
-
-
 def reporter(args, out, rank, first_step, stop_at, log):
     """report(rec, saved=None): on rank 0 the console line, metrics.jsonl, wandb/tensorboard and, when a
     checkpoint was just saved, the loss curve beside the metrics; nothing on the other ranks."""
     if rank != 0:
         return lambda rec, saved=None: None
-    metrics_file, loggers = open(out / "metrics.jsonl", "a"), make_loggers(args, out, vars(args))
+    metrics_file, loggers = open(out / "metrics.jsonl", "a"), []
+    if "wandb" in args.logger:
+        import wandb
+        run = wandb.init(project=args.project_name, name=args.experiment_name, config=vars(args))
+        loggers.append(lambda rec: run.log(rec, step=rec["step"]))
+    if "tensorboard" in args.logger:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        loggers.append(lambda rec: [writer.add_scalar(k, v, rec["step"]) for k, v in rec.items() if k != "step"])
     t_start, plotting = time.time(), [True]  # plotting: off once it could not (said once, not per save)
 
     def report(rec, saved=None):
@@ -388,6 +382,19 @@ def forward_backward(model, micro, world_size):
     return float(all_sum(ce)) / max(n_tokens, 1.0), n_tokens  # (all ranks)
 
 
+def update(trained, optimizer, scheduler, clip):
+    """Clip the gradient norm, then step AdamW unless the norm is non-finite (the update is skipped);
+    the schedule advances either way. Returns (grad norm, the lr this step used)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, clip)  # (all ranks)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return grad_norm, lr
+
+
 def evaluate(model, micro):
     """val/loss: global token mean over the whole val set, given this rank's fixed-size micro-batches
     of it (batches.py gives every rank the same number: FSDP's collectives must match)."""
@@ -446,9 +453,8 @@ def run(args):
     out = Path(args.default_local_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        resolved = {k: v for k, v in vars(args).items()}
-        (out / "run.json").write_text(json.dumps(resolved, indent=2) + "\n")
-        log("config: " + json.dumps(resolved))
+        (out / "run.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        log("config: " + json.dumps(vars(args)))
 
     # --- model: full weights on CPU in the master dtype (LoRA: frozen base, fp32 adapters, the same A on
     # every rank: seeded), then recompute, Ulysses and FSDP2, which moves the shards to the device
@@ -539,16 +545,9 @@ def run(args):
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the peak reported is this step's
-        micro, _ = rank_batches(train, indices)
-        train_loss, n_tokens = forward_backward(model, micro, world_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.clip_grad)  # (all ranks)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        train_loss, n_tokens = forward_backward(model, rank_batches(train, indices)[0], world_size)
+        grad_norm, lr = update(trained, optimizer, scheduler, args.clip_grad)
         finite = math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
         pos.update(step=pos["step"] + 1, epoch=after[0], next_batch=after[1], skipped=pos["skipped"] + (not finite),
                    consecutive_skips=0 if finite else pos["consecutive_skips"] + 1)
         step = pos["step"]
@@ -570,11 +569,11 @@ def run(args):
         if val is not None and (last or (args.test_freq > 0 and step % args.test_freq == 0)):
             rec["val/loss"] = evaluate(model, rank_batches(val, np.arange(len(val)), max_tokens=None)[0])
         stopping = bool(all_sum(torch.tensor(float(bool(received)))))  # (all ranks) agree to stop together
-        saved = None
+        saved = None  # the checkpoint written after this step, if any
         if last or stopping or (args.save_freq > 0 and step % args.save_freq == 0):
-            saved = checkpoint.save_checkpoint(out, model, optimizer, scheduler, pos, cfg=cfg,
-                                               base_model=args.partial_pretrain, config=resume_config(args),
-                                               lora=lora_spec(args), keep=args.max_ckpt_to_keep, device=device)
+            saved = checkpoint.save_checkpoint(out, model, optimizer, scheduler, pos, cfg=cfg, config=resume_config(args),
+                                               base_model=args.partial_pretrain, lora=lora_spec(args),
+                                               keep=args.max_ckpt_to_keep, device=device)
         report(rec, saved)
         if stopping:
             log(f"stopped by signal after step {step}; rerun the same command to resume from {saved}.")

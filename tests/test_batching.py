@@ -164,3 +164,15 @@ def test_sp_slice_pads_with_own_segment():
     assert torch.cat([p["input_ids"] for p in parts]).tolist() == [0, 1, 2, 3, 4, 99, 99, 99]
     assert torch.cat([p["labels"] for p in parts]).tolist()[5:] == [-100] * 3
     assert torch.cat([p["position_ids"] for p in parts]).tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+
+
+def test_schedule_resumes_where_it_left_off():
+    # every step of 3 epochs once, in order; a schedule started from any step's resume point goes on
+    # exactly as the uninterrupted one
+    full = list(batches.schedule(20, 8, seed=3, epochs=3))
+    assert [e for e, _, _ in full] == [0, 0, 1, 1, 2, 2]
+    for i, (_, _, after) in enumerate(full[:-1]):
+        rest = list(batches.schedule(20, 8, 3, 3, *after))
+        assert len(rest) == len(full) - i - 1
+        assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(rest, full[i + 1:]))
+    assert full[-1][2] == (3, 0)
