@@ -25,6 +25,9 @@ import model as M
 
 # The data position a resume starts from, as trainer_state.json holds it.
 POSITION = ("step", "epoch", "next_batch", "skipped", "consecutive_skips")
+# The adapter's shape and scale, saved beside the caller's resume keys: a resume that changes them is
+# refused (the saved adapter and its optimizer state would not fit, or would mean something else).
+LORA_KEYS = ("lora_rank", "lora_alpha", "target_modules")
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
             "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
@@ -33,8 +36,7 @@ def saved_config(config, lora):
     """trainer_state.json's "config": the caller's resume keys plus the LoRA spec (rank, alpha, targets)
     or None. Without LoRA, alpha and targets mean nothing and may change freely."""
     rank, alpha, targets = lora or (0, None, None)
-    return {**config, "lora_rank": rank, "lora_alpha": alpha,
-            "target_modules": L.target_names(targets) if lora else None}
+    return {**config, **dict(zip(LORA_KEYS, (rank, alpha, L.target_names(targets) if lora else None)))}
 
 
 def resume_state(model, optimizer, lora):
@@ -181,9 +183,8 @@ def load_checkpoint(path, model, optimizer, scheduler, *, config, lora=None, dev
     config and lora as for save_checkpoint: a resume that changes any of them is refused."""
     meta = json.loads((path / "trainer_state.json").read_text())
     now = saved_config(config, lora)
-    saved = {"lora_rank": 0, "lora_alpha": None, "target_modules": None, **meta["config"]}  # pre-LoRA checkpoints
-    lora_keys = ("lora_rank", "lora_alpha", "target_modules")
-    lora_diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in lora_keys if saved[k] != now[k]]
+    saved = {**saved_config({}, None), **meta["config"]}  # pre-LoRA checkpoints hold no LoRA keys
+    lora_diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in LORA_KEYS if saved[k] != now[k]]
     if lora_diffs:
         raise CheckpointError(f"cannot resume from {path}: {'; '.join(lora_diffs)} changes the LoRA adapter it "
                               "holds; restore the original model.lora_* / model.target_modules, or use a new "

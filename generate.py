@@ -10,6 +10,7 @@ with the model's chat template plus the generation prompt, and the reply is gene
 a time until <|im_end|> or an eos id of generation_config.json. CUDA in bf16 when there is one, else CPU in fp32.
 """
 import argparse
+import functools
 import json
 import sys
 import time
@@ -43,26 +44,25 @@ class KVCache:
     def advance(self, n):
         self.length += n
 
-    def attention(self, i, prefill):
-        """Layer i's attn_fn: appends the new k/v (n, Hkv, D) and attends the new q (n, H, D) over every
-        cached key, causal within the new tokens. The first call (the prompt, nothing cached yet) is
-        plain causal attention: the layer's own attn_fn `prefill` (the Triton kernel on CUDA)."""
-        def attn(q, k, v, cu_seqlens, max_seqlen):
-            n, past = q.shape[0], self.length
-            if self.k[i] is None:
-                self.k[i] = k.new_empty(self.capacity, *k.shape[1:])  # (capacity, Hkv, D)
-                self.v[i] = v.new_empty(self.capacity, *v.shape[1:])
-            self.k[i][past:past + n], self.v[i][past:past + n] = k, v
-            if past == 0:
-                return prefill(q, k, v, cu_seqlens, max_seqlen)
-            keys, values = self.k[i][:past + n], self.v[i][:past + n]  # (L, Hkv, D), L = past + n
-            # New token j sits at position past + j and sees keys 0 .. past + j.
-            pos = torch.arange(past + n, device=q.device)
-            keep = pos[None, :] <= pos[past:, None]  # (n, L)
-            o = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                                               attn_mask=keep, enable_gqa=True)  # (H, n, D); head h reads kv h // (H/Hkv)
-            return o.transpose(0, 1)  # (n, H, D)
-        return attn
+    def attend(self, i, prefill, q, k, v, cu_seqlens, max_seqlen):
+        """Layer i's attn_fn (bound with functools.partial): appends the new k/v (n, Hkv, D) and attends
+        the new q (n, H, D) over every cached key, causal within the new tokens. The first call (the
+        prompt, nothing cached yet) is plain causal attention: the layer's own attn_fn `prefill` (the
+        Triton kernel on CUDA)."""
+        n, past = q.shape[0], self.length
+        if self.k[i] is None:
+            self.k[i] = k.new_empty(self.capacity, *k.shape[1:])  # (capacity, Hkv, D)
+            self.v[i] = v.new_empty(self.capacity, *v.shape[1:])
+        self.k[i][past:past + n], self.v[i][past:past + n] = k, v
+        if past == 0:
+            return prefill(q, k, v, cu_seqlens, max_seqlen)
+        keys, values = self.k[i][:past + n], self.v[i][:past + n]  # (L, Hkv, D), L = past + n
+        # New token j sits at position past + j and sees keys 0 .. past + j.
+        pos = torch.arange(past + n, device=q.device)
+        keep = pos[None, :] <= pos[past:, None]  # (n, L)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                           attn_mask=keep, enable_gqa=True)  # (H, n, D); head h reads kv h // (H/Hkv)
+        return o.transpose(0, 1)  # (n, H, D)
 
 
 def next_token(logits, temperature, top_p, generator):
@@ -88,7 +88,7 @@ def generate(model, prompt_ids, max_new_tokens, stop_ids=(), temperature=0.0, to
     originals = [a.attn_fn for a in layers]
     cache = KVCache(len(layers), len(prompt_ids) + max_new_tokens)
     for i, a in enumerate(layers):
-        a.attn_fn = cache.attention(i, a.attn_fn)
+        a.attn_fn = functools.partial(cache.attend, i, a.attn_fn)
     out, ids = [], torch.tensor(prompt_ids, dtype=torch.long, device=device)
     try:
         while len(out) < max_new_tokens:
