@@ -23,9 +23,9 @@ def schedule(n, batch_size, seed, epochs, epoch=0, next_batch=0):
     """(epoch, global batch indices, where a resume after this batch starts) for every step from
     (epoch, next_batch) to the end of the last epoch."""
     for e in range(epoch, epochs):
-        batches = epoch_batches(n, batch_size, seed, e)
-        for b in range(next_batch if e == epoch else 0, len(batches)):
-            yield e, batches[b], ((e, b + 1) if b + 1 < len(batches) else (e + 1, 0))
+        order = epoch_batches(n, batch_size, seed, e)  # (steps, batch_size)
+        for b in range(next_batch if e == epoch else 0, len(order)):
+            yield e, order[b], ((e, b + 1) if b + 1 < len(order) else (e + 1, 0))
 
 
 def epoch_batches(n, batch_size, seed, epoch):

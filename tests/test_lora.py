@@ -279,14 +279,14 @@ def test_a_step_changes_only_the_adapters_and_saves_both_forms(two_processes, mo
 
 def test_resume_is_exact_and_checkpoints_load(tmp_path):
     paths = demo.make_demo(tmp_path / "demo", train_rows=48, val_rows=8)
-    lora = ["model.lora_rank=8", "model.lora_alpha=16", "trainer.total_epochs=1", "optim.lr=1e-2"]
+    lora_flags = ["model.lora_rank=8", "model.lora_alpha=16", "trainer.total_epochs=1", "optim.lr=1e-2"]
     straight, pieces = tmp_path / "straight", tmp_path / "pieces"
-    p = run_train(job_args(paths, straight, *lora, "ulysses_sequence_parallel_size=2", "model.fsdp_config.model_dtype=bf16"))
+    p = run_train(job_args(paths, straight, *lora_flags, "ulysses_sequence_parallel_size=2", "model.fsdp_config.model_dtype=bf16"))
     assert "LoRA r=8: " in p.stdout and " parameters trained" in p.stdout
     # 6 steps: stop at 3 with sp=2, resume to 6 on one process (layout-free state).
-    run_train(job_args(paths, pieces, *lora, "ulysses_sequence_parallel_size=2", "model.fsdp_config.model_dtype=bf16",
+    run_train(job_args(paths, pieces, *lora_flags, "ulysses_sequence_parallel_size=2", "model.fsdp_config.model_dtype=bf16",
                        "trainer.total_training_steps=3"))
-    run_train(job_args(paths, pieces, *lora, "model.fsdp_config.model_dtype=bf16"), nproc=1)
+    run_train(job_args(paths, pieces, *lora_flags, "model.fsdp_config.model_dtype=bf16"), nproc=1)
     a, b = metrics(straight), metrics(pieces)
     assert [r["step"] for r in b] == list(range(1, 7)) == [r["step"] for r in a]
     for ra, rb in zip(a, b):
@@ -312,6 +312,6 @@ def test_resume_is_exact_and_checkpoints_load(tmp_path):
     assert (merged_logits - want).abs().max() < 0.05 * want.abs().max()  # bf16 weights
 
     # A resume that changes the adapter is refused, naming the change.
-    p = run_train(job_args(paths, pieces, *lora[1:], "model.lora_rank=16"), nproc=1, check=False)
+    p = run_train(job_args(paths, pieces, *lora_flags[1:], "model.lora_rank=16"), nproc=1, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "cannot resume from" in p.stderr and "lora_rank 8 -> 16 changes the LoRA adapter" in p.stderr
