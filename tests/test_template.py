@@ -100,7 +100,7 @@ def cases():
 
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c["name"])
 def test_reference_cases(case, tokenizer, official):
-    messages, tools = data._messages(case["messages"], "case"), data._tools(case["tools"], "case")
+    messages, tools = templates.normalise(case["messages"], "case"), templates.normalise_tools(case["tools"], "case")
     text, spans = templates.render("qwen2.5", messages, tools)
     assert text == case["rendered"]
     assert official(case["messages"], case["tools"]) == case["rendered"]  # the reference renderer is right too
@@ -157,7 +157,7 @@ def normalised(messages):
     """messages as data.py reads them, when it accepts them (it refuses non-string content)."""
     if any(not isinstance(m.get("content"), (str, type(None))) for m in messages):
         return None
-    return data._messages(messages, "case")
+    return templates.normalise(messages, "case")
 
 
 @pytest.mark.parametrize("case", qwen3_cases(), ids=lambda c: c["id"])
@@ -169,7 +169,7 @@ def test_qwen3_reference_cases(case, qwen3_tokenizer):
     assert text == case["text"]
     messages = normalised(case["messages"])
     if messages is not None:
-        assert templates.render("qwen3", messages, data._tools(case["tools"], "case"), **opts) == (text, spans)
+        assert templates.render("qwen3", messages, templates.normalise_tools(case["tools"], "case"), **opts) == (text, spans)
     ids, mask = data.encode(qwen3_tokenizer, text, spans)
     assert ids.tolist() == case["input_ids"]
     # Our rule trains a token when ANY character it covers is trained; the cases' masks need ALL of
@@ -246,7 +246,7 @@ QWEN3_EDGES = {
 @pytest.mark.parametrize("tools", [None, [WEATHER]])
 def test_qwen3_edge_cases_match_official(name, tools, qwen3_tokenizer):
     messages = QWEN3_EDGES[name]
-    text, spans = templates.render("qwen3", data._messages(messages, "x"), tools)
+    text, spans = templates.render("qwen3", templates.normalise(messages, "x"), tools)
     assert text == jinja_template(QWEN3)(messages, tools)
     # Each loss override trains exactly its own turn's text, as for Qwen2.5.
     trained = "".join(text[a:b] for a, b in spans)
@@ -294,7 +294,7 @@ INSTRUCT_CASES = {
 def test_instruct_2507_matches_official(name, qwen3_tokenizer):
     messages, tools = INSTRUCT_CASES[name]
     expected = jinja_template(INSTRUCT)(messages, tools)
-    for given in (messages, data._messages(messages, "case")):  # OpenAI-style and as data.py reads it
+    for given in (messages, templates.normalise(messages, "case")):  # OpenAI-style and as data.py reads it
         text, spans = templates.render("qwen3-instruct-2507", given, tools)
         assert text == expected
     ids, mask = data.encode(qwen3_tokenizer, text, spans)
@@ -322,7 +322,7 @@ def test_generation_prompt_matches_official(family, name, thinking):
     messages = PROMPTS[name]
     kwargs = {} if thinking else {"enable_thinking": False}
     expected = jinja_template(TEMPLATE[family])(messages, [WEATHER], add_generation_prompt=True, **kwargs)
-    text, spans = templates.render(family, data._messages(messages, "x"), [WEATHER], enable_thinking=thinking,
+    text, spans = templates.render(family, templates.normalise(messages, "x"), [WEATHER], enable_thinking=thinking,
                                    add_generation_prompt=True)
     assert text == expected
     assert text.endswith("<|im_start|>assistant\n" + ("" if thinking or family != "qwen3" else "<think>\n\n</think>\n\n"))
@@ -401,8 +401,8 @@ def test_enable_thinking_column(tmp_path, qwen3_tokenizer):
     path = tmp_path / "t.parquet"
     pq.write_table(pa.Table.from_pylist([{"messages": chat, "enable_thinking": v} for v in (True, False, None)]), path)
     pq.write_table(pa.Table.from_pylist([{"messages": chat}]), tmp_path / "no_column.parquet")
-    on = data.encode(qwen3_tokenizer, *templates.render("qwen3", data._messages(chat, "x")))
-    off = data.encode(qwen3_tokenizer, *templates.render("qwen3", data._messages(chat, "x"), enable_thinking=False))
+    on = data.encode(qwen3_tokenizer, *templates.render("qwen3", templates.normalise(chat, "x")))
+    off = data.encode(qwen3_tokenizer, *templates.render("qwen3", templates.normalise(chat, "x"), enable_thinking=False))
     assert on[1].sum() == off[1].sum() + 4  # the four tokens of the empty think block
     samples = data.build_samples([path, tmp_path / "no_column.parquet"], qwen3_tokenizer, 100, chat_template="qwen3")
     for (ids, mask), (want_ids, want_mask) in zip(samples, [on, off, on, on]):  # true, false, null, missing
@@ -447,4 +447,4 @@ def test_reasoning_fields_and_the_unrendered_warning(tmp_path, qwen3_tokenizer):
                        enable_thinking_key="think")
     assert len(list((tmp_path / "qwen2.5").glob("*.npz"))) == 3
     with pytest.raises(data.DataError, match=r"message 1 has a reasoning_content of type int; reasoning must be"):
-        data._messages([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": 1}], "x")
+        templates.normalise([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": 1}], "x")
