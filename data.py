@@ -292,7 +292,7 @@ def _tokenize_rows(tokenizer, family, paths, keys, kwargs, max_length, truncatio
     return samples, dropped, unrendered
 
 
-def _template_kwargs(family, template_kwargs, enable_thinking_default, flag="data.apply_chat_template_kwargs."):
+def render_kwargs(family, template_kwargs, enable_thinking_default, flag="data.apply_chat_template_kwargs."):
     """(the kwargs every render gets, enable_thinking for rows whose column is missing or null)."""
     kwargs = templates.check_kwargs(family, template_kwargs, flag)
     thinking = kwargs.pop("enable_thinking", None)
@@ -322,7 +322,7 @@ def build_samples(files, tokenizer, max_length, truncation="error", *, chat_temp
         raise DataError(f"data.truncation={truncation!r} is not one of error, left, right.")
     if chat_template not in templates.FAMILIES:
         raise DataError(f"chat template {chat_template!r} is not one of {', '.join(templates.FAMILIES)}.")
-    kwargs, thinking = _template_kwargs(chat_template, template_kwargs, enable_thinking_default)
+    kwargs, thinking = render_kwargs(chat_template, template_kwargs, enable_thinking_default)
     keys = dict(multiturn=multiturn, messages_key=messages_key, tools_key=tools_key,
                 prompt_key=prompt_key, response_key=response_key, prompt_dict_keys=prompt_dict_keys,
                 response_dict_keys=response_dict_keys, enable_thinking_key=enable_thinking_key,
@@ -505,7 +505,7 @@ def inspect(args):
     tokenizer = load_tokenizer(args.tokenizer)
     model_dir = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else Path(args.tokenizer).parent
     family = templates.detect(model_dir, args.chat_template, flag="--chat_template ")
-    kwargs, thinking = _template_kwargs(family, parse_kwargs(args.apply_chat_template_kwargs), None,
+    kwargs, thinking = render_kwargs(family, parse_kwargs(args.apply_chat_template_kwargs), None,
                                         flag="--apply_chat_template_kwargs ")
     n = sum(_num_rows(p) for p in _data_files(args.file))
     lo, hi = parse_rows(args.rows, n)
