@@ -5,12 +5,9 @@ No jinja at runtime. Each renderer writes the exact text the official template r
 transformers (tojson = json.dumps(ensure_ascii=False)) and, from the same code, the character spans
 that are trained; tests compare both with the official templates run through jinja2.
 
-Trained spans, one rule for every family: an assistant turn is trained from right after
-`<|im_start|>assistant\\n` through `<|im_end|>` and the `\\n` after it, except that when the turn begins
-with what the generation prompt adds after `<|im_start|>assistant\\n` under the same kwargs, those
-characters are not trained (at inference they are the prompt): `<think>\\n` for Qwen3.5/3.8, the empty
-think block with enable_thinking false (Qwen3, Qwen3.5/3.8), nothing otherwise. A message's `loss`
-field (true/false) overrides the default for its own turn.
+Trained spans, one rule for every family (_reply): an assistant turn after `<|im_start|>assistant\n`
+through `<|im_end|>\n`, less a leading copy of what the generation prompt adds under the same kwargs;
+a message's `loss` field (true/false) overrides the default for its own turn.
 """
 import hashlib
 import json
