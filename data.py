@@ -1,10 +1,12 @@
 """Data: parquet / JSON rows -> chat text -> token ids + target mask (samples; batches.py batches them).
 
-The chat templates are written out by hand in templates.py (no jinja at runtime), so the trained
-character spans come from the same code that writes the text; tests compare it byte for byte with
-the official templates rendered through jinja2 the way transformers renders them.
+Rows are read here and normalised by templates.normalise (the one message contract); the chat
+templates are written out by hand in templates.py (no jinja at runtime), so the trained character
+spans come from the same code that writes the text. Training and `inspect` encode through the same
+path (_encoded), so what inspect shows is what the trainer trains.
 
     python data.py inspect FILE --tokenizer MODEL_DIR [--chat_template auto] [--rows 0:4] [--jsonl OUT]
+        [--apply_chat_template_kwargs '{"enable_thinking": false}']
 """
 import argparse
 import hashlib
@@ -21,13 +23,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 import templates
-
-ROLES = ("system", "user", "assistant", "tool")
-
-
-class DataError(Exception):
-    """A user-caused problem in the data or data flags; the message is one sentence with the fix."""
-
+from templates import DataError  # the message contract raises it as well
 
 def load_tokenizer(model_dir):
     path = Path(model_dir)
@@ -44,87 +40,6 @@ def load_tokenizer(model_dir):
 
 # --------------------------------------------------------------------------- reading rows
 
-def _prune(x):
-    # Parquet unifies struct fields across rows: a key one row's tool schema or arguments has
-    # shows up as null in every other row. Those keys are dropped. A deliberate null in a struct
-    # column cannot be told apart and is dropped too; JSON-string columns keep their nulls, since
-    # no unification happened there.
-    if isinstance(x, dict):
-        return {k: _prune(v) for k, v in x.items() if v is not None}
-    return [_prune(v) for v in x] if isinstance(x, list) else x
-
-
-def _json(value, what, where):
-    if not isinstance(value, str):
-        return _prune(value)
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: {what} is not valid JSON ({e.msg} at char {e.pos}); "
-                        "fix the string or store it as a struct.") from None
-
-
-def _tool_call(call, what, where):
-    # With or without the OpenAI {type, function} wrapper, as the template accepts both.
-    fn = call["function"] if isinstance(call, dict) and isinstance(call.get("function"), dict) else call
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise DataError(f"{where}: {what} has no string name; a tool call needs {{name, arguments}}.")
-    # JSON-string arguments are checked here but kept as given: Qwen3's template writes them
-    # verbatim, while the Qwen2.5 renderer decodes them before its tojson.
-    args = fn.get("arguments")
-    decoded = _json(args, f"{what} arguments", where)
-    return {"name": fn["name"], "arguments": args if isinstance(args, str) else decoded}
-
-
-def _messages(raw, where):
-    raw = _json(raw, "the messages column", where) if isinstance(raw, str) else raw
-    if raw is not None and not isinstance(raw, list):
-        raise DataError(f"{where}: the messages column holds a {type(raw).__name__}, not a list of "
-                        "{role, content} messages; check data.multiturn.messages_key.")
-    if not raw:
-        raise DataError(f"{where} has an empty conversation; every row needs at least one message.")
-    out = []
-    for j, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: message {j} is a {type(m).__name__}, not a {{role, content}} object.")
-        role = m.get("role")
-        if role not in ROLES:
-            raise DataError(f"{where}: message {j} has unknown role {role!r}; "
-                            "use system, user, assistant or tool.")
-        calls = m.get("tool_calls") or []  # parquet gives null on messages without calls
-        calls = _json(calls, f"message {j} tool_calls", where) if isinstance(calls, str) else calls
-        if calls and role != "assistant":
-            raise DataError(f"{where}: message {j} is a {role} message with tool_calls; "
-                            "only assistant messages call tools.")
-        content = m.get("content")
-        content = "" if content is None and calls else content  # the template renders it as nothing
-        if not isinstance(content, str):
-            raise DataError(f"{where}: message {j} ({role}) has non-string content of type "
-                            f"{type(content).__name__}; content must be a string.")
-        loss = m.get("loss")
-        if loss is not None and not isinstance(loss, bool):
-            raise DataError(f"{where}: message {j} has loss={loss!r}; loss must be true, false or absent.")
-        out.append({"role": role, "content": content, "loss": loss})
-        # transformers takes the reasoning from the first of these keys that is not None.
-        key = next((k for k in templates.REASONING_KEYS if m.get(k) is not None), None)
-        if key is not None:
-            if not isinstance(m[key], str):
-                raise DataError(f"{where}: message {j} has a {key} of type {type(m[key]).__name__}; "
-                                "reasoning must be a string.")
-            out[-1]["reasoning_content"] = m[key]
-        if calls:
-            out[-1]["tool_calls"] = [_tool_call(c, f"message {j} tool call {k}", where)
-                                     for k, c in enumerate(calls)]
-    return out
-
-
-def _tools(raw, where):
-    tools = None if raw is None or raw == "" else _json(raw, "the tools column", where)
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise DataError(f"{where}: tools is a {type(tools).__name__}, not a list of tool objects.")
-    return tools or None  # an empty list renders like no tools (the template tests `if tools`)
-
-
 def _data_files(files):
     """The files behind data.train_files / val_files: each file as given, a directory's parquet
     and JSON files in name order."""
@@ -140,13 +55,14 @@ def _data_files(files):
     return out
 
 
-def _enable_thinking(value, key, where):
-    # A missing column or a null means thinking is on, as the template's own default.
+
+
+def _enable_thinking(value, key, where, default):
+    # A missing column or a null takes the default (data.enable_thinking_default, else the template's: on).
     if value is None or isinstance(value, bool):
-        return value is not False
+        return default if value is None else value
     raise DataError(f"{where}: column {key!r} holds {value!r}; it must be true, false or null "
                     "(check data.multiturn.enable_thinking_key).")
-
 
 def _json_rows(path):
     """The rows of a .jsonl (one object per line) or .json (a list of objects) file, as written.
@@ -208,8 +124,10 @@ def _num_rows(path):
 
 
 def _iter_rows(files, multiturn=True, messages_key="messages", tools_key="tools", prompt_key="question",
-               response_key="answer", prompt_dict_keys=None, response_dict_keys=None, enable_thinking_key=None):
-    """Yield (where, messages, tools, enable_thinking) for every row of every file, in order."""
+               response_key="answer", prompt_dict_keys=None, response_dict_keys=None, enable_thinking_key=None,
+               enable_thinking_default=True):
+    """Yield (where, messages, tools, enable_thinking) for every row of every file, in order, the
+    messages and tools normalised by templates.normalise (the one message contract)."""
     want = ([(messages_key, "data.multiturn.messages_key", None)] if multiturn else
             [(prompt_key, "data.prompt_dict_keys", prompt_dict_keys),
              (response_key, "data.response_dict_keys", response_dict_keys)])
@@ -226,10 +144,10 @@ def _iter_rows(files, multiturn=True, messages_key="messages", tools_key="tools"
         for i in range(num_rows):
             where = f"row {i} of {path}"
             if multiturn:
-                tools = _tools(cols[tools_key][i], where) if has_tools else None
+                tools = templates.normalise_tools(cols[tools_key][i], where) if has_tools else None
                 think = cols[enable_thinking_key][i] if has_think else None
-                think = _enable_thinking(think, enable_thinking_key, where)
-                yield where, _messages(cols[messages_key][i], where), tools, think
+                think = _enable_thinking(think, enable_thinking_key, where, enable_thinking_default)
+                yield where, templates.normalise(cols[messages_key][i], where), tools, think
                 continue
             turns = []
             for role, (key, flag, dict_keys) in zip(("user", "assistant"), want):
@@ -239,11 +157,12 @@ def _iter_rows(files, multiturn=True, messages_key="messages", tools_key="tools"
                         raise DataError(f"{where}: column {key!r} has no field {k!r}; check {flag}.")
                     value = value[k]
                 turns.append({"role": role, "content": value})
-            yield where, _messages(turns, where), None, True
+            yield where, templates.normalise(turns, where), None, enable_thinking_default
 
 
 def read_rows(files, *, multiturn=True, messages_key="messages", tools_key="tools", prompt_key="question",
               response_key="answer", prompt_dict_keys=None, response_dict_keys=None):
+    """[(messages, tools)] of every row, normalised (generate.py and demo.py read rows this way)."""
     rows = _iter_rows(files, multiturn, messages_key, tools_key, prompt_key, response_key,
                       prompt_dict_keys, response_dict_keys)
     return [(messages, tools) for _, messages, tools, _ in rows]
@@ -280,10 +199,6 @@ def _truncate(ids, mask, max_length, truncation, where):
         ids, mask = ids[keep], mask[keep]  # the mask stays aligned with the ids kept
     return ids, mask
 
-
-def _sample(tokenizer, family, messages, tools, enable_thinking, max_length, truncation, where):
-    ids, mask = encode(tokenizer, *templates.render(family, messages, tools, enable_thinking=enable_thinking))
-    return _truncate(ids, mask, max_length, truncation, where)
 
 
 # --------------------------------------------------------------------------- dataset and cache
@@ -327,11 +242,11 @@ def _save_cache(path, key, samples, counts):
     os.replace(tmp, path)
 
 
-def _tokenize_rows(tokenizer, family, paths, keys, max_length, truncation, log, chunk_rows=512):
-    """(samples, rows dropped, rows whose reasoning the template drops) of every row: rendered a chunk
-    at a time, then tokenized with one encode_batch per chunk (the Rust side spreads it over all cores). The same ids and masks as
-    _sample row by row. Logs progress every ~5 s when it takes that long."""
-    rows = _iter_rows(paths, **keys)
+def _encoded(tokenizer, family, rows, kwargs, max_length, truncation, chunk_rows=512):
+    """Chunks [(where, messages, ids, mask)] of (where, messages, tools, enable_thinking) rows: the one
+    encode path, which training and inspect both use. Rendered a chunk at a time, then tokenized with
+    one encode_batch per chunk (the Rust side spreads it over all cores); kwargs go to every render."""
+    rows = iter(rows)
 
     def encoded_chunks():
         # encode_batch releases the GIL: it runs in a thread while this one reads and renders the
@@ -339,8 +254,8 @@ def _tokenize_rows(tokenizer, family, paths, keys, max_length, truncation, log, 
         with ThreadPoolExecutor(1) as pool:
             ahead = None
             while chunk := list(itertools.islice(rows, chunk_rows)):
-                rendered = [templates.render(family, messages, tools, enable_thinking=thinking)  # the per-row render call
-                            for _, messages, tools, thinking in chunk]
+                rendered = [templates.render(family, messages, tools, enable_thinking=thinking, where=where, **kwargs)
+                            for where, messages, tools, thinking in chunk]  # the per-row render call
                 job = pool.submit(tokenizer.encode_batch, [text for text, _ in rendered], add_special_tokens=False)
                 if ahead:
                     yield ahead[0], ahead[1], ahead[2].result()
@@ -348,13 +263,20 @@ def _tokenize_rows(tokenizer, family, paths, keys, max_length, truncation, log, 
             if ahead:
                 yield ahead[0], ahead[1], ahead[2].result()
 
+    for chunk, rendered, encodings in encoded_chunks():
+        yield [(where, messages, *_truncate(*_ids_and_mask(enc, spans), max_length, truncation, where))
+               for (where, messages, _, _), (_, spans), enc in zip(chunk, rendered, encodings)]
+
+
+def _tokenize_rows(tokenizer, family, paths, keys, kwargs, max_length, truncation, log, chunk_rows=512):
+    """(samples, rows dropped, rows whose reasoning the template drops) of every row of paths.
+    Logs progress every ~5 s when it takes that long."""
     samples, dropped, unrendered, done, total = [], 0, 0, 0, None
     t_start = t_log = time.time()
-    for chunk, rendered, encodings in encoded_chunks():
-        for (where, messages, _, _), (_, spans), enc in zip(chunk, rendered, encodings):
+    for chunk in _encoded(tokenizer, family, _iter_rows(paths, **keys), kwargs, max_length, truncation, chunk_rows):
+        for where, messages, ids, mask in chunk:
             # Qwen2.5 and 2507 Instruct templates write no reasoning: count the rows that lose some.
-            unrendered += family != "qwen3" and any(m.get("reasoning_content") for m in messages)
-            ids, mask = _truncate(*_ids_and_mask(enc, spans), max_length, truncation, where)
+            unrendered += family not in templates.THINKING and any(m.get("reasoning_content") for m in messages)
             if mask.any():
                 samples.append((ids, mask))
             else:
@@ -368,22 +290,41 @@ def _tokenize_rows(tokenizer, family, paths, keys, max_length, truncation, log, 
     return samples, dropped, unrendered
 
 
+def render_kwargs(family, template_kwargs, enable_thinking_default, flag="data.apply_chat_template_kwargs."):
+    """(the kwargs every render gets, enable_thinking for rows whose column is missing or null)."""
+    kwargs = templates.check_kwargs(family, template_kwargs, flag)
+    thinking = kwargs.pop("enable_thinking", None)
+    if enable_thinking_default is not None:
+        if not isinstance(enable_thinking_default, bool) or "enable_thinking" not in templates.KWARGS[family]:
+            raise DataError(f"data.enable_thinking_default={enable_thinking_default!r} is not read by the {family} "
+                            "template or is not true/false; drop it or give true or false.")
+        if thinking is not None and thinking != enable_thinking_default:
+            raise DataError(f"data.enable_thinking_default and {flag}enable_thinking disagree; give only one.")
+        thinking = enable_thinking_default
+    return kwargs, thinking is not False  # None: the template's own default, thinking on
+
+
 def build_samples(files, tokenizer, max_length, truncation="error", *, chat_template="qwen2.5",
-                  enable_thinking_key="enable_thinking", cache_dir=None, tokenizer_path=None,
-                  multiturn=True, messages_key="messages", tools_key="tools", prompt_key="question",
-                  response_key="answer", prompt_dict_keys=None, response_dict_keys=None, log=print):
+                  enable_thinking_key="enable_thinking", template_kwargs=None, enable_thinking_default=None,
+                  cache_dir=None, tokenizer_path=None, multiturn=True, messages_key="messages", tools_key="tools",
+                  prompt_key="question", response_key="answer", prompt_dict_keys=None, response_dict_keys=None,
+                  log=print):
     """Every row of files as (ids int64[L], mask uint8[L]); rows with nothing to train are dropped.
 
-    chat_template is a resolved family (templates.detect), not auto; a row's enable_thinking column
-    (enable_thinking_key) decides whether Qwen3's empty think block on its last turn is trained.
+    chat_template is a resolved family (templates.detect), not auto. template_kwargs (verl's
+    data.apply_chat_template_kwargs) go to every row's render; a row's enable_thinking column
+    (enable_thinking_key) overrides enable_thinking, and rows where it is missing or null take
+    enable_thinking_default (None: the template kwarg, else the template's own default).
     """
     if truncation not in ("error", "left", "right"):
         raise DataError(f"data.truncation={truncation!r} is not one of error, left, right.")
     if chat_template not in templates.FAMILIES:
         raise DataError(f"chat template {chat_template!r} is not one of {', '.join(templates.FAMILIES)}.")
+    kwargs, thinking = render_kwargs(chat_template, template_kwargs, enable_thinking_default)
     keys = dict(multiturn=multiturn, messages_key=messages_key, tools_key=tools_key,
                 prompt_key=prompt_key, response_key=response_key, prompt_dict_keys=prompt_dict_keys,
-                response_dict_keys=response_dict_keys, enable_thinking_key=enable_thinking_key)
+                response_dict_keys=response_dict_keys, enable_thinking_key=enable_thinking_key,
+                enable_thinking_default=thinking)
     paths = _data_files(files)
     names = ", ".join(str(p) for p in paths)
     samples, (dropped, unrendered), cache = None, (0, 0), None
@@ -391,14 +332,15 @@ def build_samples(files, tokenizer, max_length, truncation="error", *, chat_temp
         tok = (_sha256(tokenizer_path) if tokenizer_path
                else hashlib.sha256(tokenizer.to_str().encode()).hexdigest())
         # data.py's and templates.py's own sources are part of the key: a change to rendering must
-        # not reuse old ids.
+        # not reuse old ids. keys holds the enable_thinking default; kwargs the other template kwargs.
         key = hashlib.sha256(json.dumps([[_sha256(p) for p in paths], tok, max_length, truncation, keys,
-                                         chat_template, _sha256(__file__), _sha256(templates.__file__)]
-                                        ).encode()).hexdigest()
+                                         sorted(kwargs.items()), chat_template, _sha256(__file__),
+                                         _sha256(templates.__file__)]).encode()).hexdigest()
         cache = Path(cache_dir) / f"samples-{key[:20]}.npz"
         samples, (dropped, unrendered) = _load_cache(cache, key, log)
     if samples is None:
-        samples, dropped, unrendered = _tokenize_rows(tokenizer, chat_template, paths, keys, max_length, truncation, log)
+        samples, dropped, unrendered = _tokenize_rows(tokenizer, chat_template, paths, keys, kwargs, max_length,
+                                                      truncation, log)
         if not samples:
             raise DataError(f"no row of {names} has a trained token; "
                             "check its assistant turns and loss fields.")
@@ -423,20 +365,34 @@ def parse_rows(spec, n):
     return lo, min(n, (int(b) if b else n) if colon else lo + 1)
 
 
+def parse_kwargs(text, flag="--apply_chat_template_kwargs"):
+    """A --apply_chat_template_kwargs JSON object (generate.py takes the same flag)."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        kwargs = e
+    if not isinstance(kwargs, dict):
+        raise DataError(f"{flag} {text!r} is not a JSON object; write e.g. '{{\"enable_thinking\": false}}'.")
+    return kwargs
+
+
 def inspect(args):
     tokenizer = load_tokenizer(args.tokenizer)
     model_dir = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else Path(args.tokenizer).parent
     family = templates.detect(model_dir, args.chat_template, flag="--chat_template ")
-    rows = list(_iter_rows(args.file, args.multiturn, args.messages_key, args.tools_key, args.prompt_key,
-                           args.response_key, args.prompt_dict_keys, args.response_dict_keys,
-                           args.enable_thinking_key))
-    lo, hi = parse_rows(args.rows, len(rows))
+    kwargs, thinking = render_kwargs(family, parse_kwargs(args.apply_chat_template_kwargs), None,
+                                        flag="--apply_chat_template_kwargs ")
+    n = sum(_num_rows(p) for p in _data_files(args.file))
+    lo, hi = parse_rows(args.rows, n)
+    rows = _iter_rows(args.file, args.multiturn, args.messages_key, args.tools_key, args.prompt_key,
+                      args.response_key, args.prompt_dict_keys, args.response_dict_keys, args.enable_thinking_key,
+                      thinking)
     on, off = ("\x1b[1;32m", "\x1b[0m") if sys.stdout.isatty() else ("[[", "]]")
     out = open(args.jsonl, "w") if args.jsonl else None
     total = trained = 0
-    for r in range(lo, hi):
-        where, messages, tools, thinking = rows[r]
-        ids, mask = _sample(tokenizer, family, messages, tools, thinking, args.max_length, args.truncation, where)
+    # The trainer's own encode path, on the selected rows only.
+    chunks = _encoded(tokenizer, family, itertools.islice(rows, lo, hi), kwargs, args.max_length, args.truncation)
+    for r, (where, _, ids, mask) in enumerate(itertools.chain.from_iterable(chunks), lo):
         total, trained = total + len(ids), trained + int(mask.sum())
         cuts = np.flatnonzero(np.diff(mask)) + 1  # print runs of equal mask; trained runs marked
         runs = [(tokenizer.decode(i.tolist(), skip_special_tokens=False), m[0])
@@ -447,7 +403,7 @@ def inspect(args):
             out.write(json.dumps({"row": r, "input_ids": ids.tolist(), "loss_mask": mask.tolist()}) + "\n")
     if out:
         out.close()
-    print(f"=== rows {lo}:{hi} of {len(rows)}: {total} tokens, {trained} trained ({family} template)")
+    print(f"=== rows {lo}:{hi} of {n}: {total} tokens, {trained} trained ({family} template)")
 
 
 def main(argv=None):
@@ -467,6 +423,8 @@ def main(argv=None):
                    help="as data.chat_template (default: the template the --tokenizer dir ships)")
     q.add_argument("--enable_thinking_key", default="enable_thinking",
                    help="as data.multiturn.enable_thinking_key")
+    q.add_argument("--apply_chat_template_kwargs", default="{}",
+                   help='as data.apply_chat_template_kwargs, a JSON object: \'{"preserve_thinking": false}\'')
     q.add_argument("--prompt_key", default="question", help="as data.prompt_key")
     q.add_argument("--response_key", default="answer", help="as data.response_key")
     q.add_argument("--prompt_dict_keys", nargs="*", default=None, help="as data.prompt_dict_keys")

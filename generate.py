@@ -2,6 +2,7 @@
 
     python generate.py CHECKPOINT_DIR --data FILE.parquet [--rows 0:3] [--turn -1] [--max_new_tokens 512]
         [--temperature 0] [--top_p 1.0] [--seed 0] [--chat_template auto] [--enable_thinking true] [--jsonl OUT]
+        [--apply_chat_template_kwargs '{"reasoning_effort": "low"}']
     python generate.py CHECKPOINT_DIR --prompt "What is 17 * 23?"
 
 CHECKPOINT_DIR is any HF model dir model.py loads: a run's global_step_N/huggingface/ or the
@@ -109,18 +110,19 @@ def generate(model, prompt_ids, max_new_tokens, stop_ids=(), temperature=0.0, to
 
 # --------------------------------------------------------------------------- prompts and references
 
-def prompt_and_reference(family, messages, tools, enable_thinking, where, turn=-1):
+def prompt_and_reference(family, messages, tools, enable_thinking, where, turn=-1, kwargs=None):
     """The chat text before one assistant turn (by default the LAST) plus the generation prompt,
-    and that turn as the template writes it after the generation prompt (without its <|im_end|>)."""
+    and that turn as the template writes it after the generation prompt (without its <|im_end|>).
+    kwargs: the other template kwargs (data.render_kwargs), as training renders with them."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]  # with a prompt before
     if not -len(turns) <= turn < len(turns):
         raise GenerateError(f"{where} has {len(turns)} assistant turns after a prompt, so --turn {turn} names none; "
                             "pick rows with replies, another --turn, or ask a free question with --prompt.")
     i = turns[turn]
-    kw = dict(enable_thinking=enable_thinking)
+    kw = dict(kwargs or {}, enable_thinking=enable_thinking, where=where)
     prompt, _ = templates.render(family, messages[:i], tools, add_generation_prompt=True, **kw)
     full, _ = templates.render(family, messages[:i + 1], tools, **kw)
-    # Cut what the generation prompt already holds (Qwen3's empty think block without thinking).
+    # Cut what the generation prompt already holds (a think block opening, or the empty one without thinking).
     reference = full[full.rfind(HEADER) + len(HEADER):].removeprefix(prompt[prompt.rfind(HEADER) + len(HEADER):])
     return prompt, reference[:reference.rfind(END)] if END in reference else reference
 
@@ -155,15 +157,17 @@ def run(args):
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise GenerateError("--max_new_tokens must be >= 1, --temperature >= 0 and --top_p in (0, 1].")
     family = templates.detect(model_dir, args.chat_template, flag="--chat_template ")
-    thinking = args.enable_thinking == "true"
+    kw = data.parse_kwargs(args.apply_chat_template_kwargs)
+    kw.update({} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"})
+    kw, thinking = data.render_kwargs(family, kw, None, flag="--apply_chat_template_kwargs ")
     if args.prompt is not None:
-        user = [{"role": "user", "content": args.prompt}]
-        items = [("prompt", templates.render(family, user, enable_thinking=thinking, add_generation_prompt=True)[0],
-                  None)]
+        user = templates.normalise([{"role": "user", "content": args.prompt}])
+        items = [("prompt", templates.render(family, user, enable_thinking=thinking, add_generation_prompt=True,
+                                             **kw)[0], None)]
     else:
         rows = data.read_rows(args.data)  # [(messages, tools)]: the one call into data.py's reader
         # Every row is checked before the model loads: a bad row costs no wait.
-        items = [(r, *prompt_and_reference(family, *rows[r], thinking, f"row {r} of {args.data}", args.turn))
+        items = [(r, *prompt_and_reference(family, *rows[r], thinking, f"row {r} of {args.data}", args.turn, kw))
                  for r in parse_rows(args.rows, len(rows))]
     tokenizer = data.load_tokenizer(model_dir)
     stop = stop_ids(model_dir, tokenizer)
@@ -199,10 +203,12 @@ def main(argv=None):
     a("--temperature", type=float, default=0.0, help="0 = greedy")
     a("--top_p", type=float, default=1.0, help="sample only from the top-p probability mass")
     a("--seed", type=int, default=0, help="seeds the sampling")
-    a("--chat_template", default="auto", choices=["auto", "qwen2.5", "qwen3", "qwen3-instruct-2507"],
+    a("--chat_template", default="auto", choices=("auto",) + templates.FAMILIES,
       help="as data.chat_template: auto recognises the model dir's template")
-    a("--enable_thinking", default="true", choices=["true", "false"],
-      help="Qwen3: false puts the empty think block into the prompt")
+    a("--enable_thinking", default=None, choices=["true", "false"],
+      help="Qwen3/3.5/3.8 (default: the template's own, on): false puts the empty think block into the prompt")
+    a("--apply_chat_template_kwargs", default="{}",
+      help='as data.apply_chat_template_kwargs, a JSON object: \'{"preserve_thinking": false}\'')
     a("--jsonl", default=None, help="also write {row, prompt, reply, reference} per row here")
     try:
         run(p.parse_args(argv))

@@ -100,10 +100,10 @@ def test_loss_override(tokenizer):
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1", "loss": True},
                 {"role": "assistant", "content": "A1", "loss": False}, {"role": "user", "content": "U2"},
                 {"role": "assistant", "content": "A2"}, {"role": "tool", "content": "T", "loss": True}]
-    assert trained_text(tokenizer, data._messages(messages, "x")) == (
+    assert trained_text(tokenizer, templates.normalise(messages, "x")) == (
         "U1<|im_end|>\nA2<|im_end|>\n<tool_response>\nT\n</tool_response><|im_end|>\n")
     messages[0]["loss"] = True
-    assert trained_text(tokenizer, data._messages(messages, "x")).startswith("S<|im_end|>\nU1")
+    assert trained_text(tokenizer, templates.normalise(messages, "x")).startswith("S<|im_end|>\nU1")
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -283,16 +283,16 @@ def test_inspect_colours_on_a_tty_and_rejects_bad_rows(capsys, monkeypatch):
 @pytest.mark.parametrize("name,max_length", [("retool_like_sample.parquet", None), ("glaive_toolcall_300.parquet", None),
                                              ("retool_like_sample.parquet", 300), ("glaive_toolcall_300.parquet", 150)])
 def test_batched_tokenization_equals_row_by_row(tokenizer, name, max_length, family):
-    # encode_batch over chunks (7 rows: chunk boundaries inside the file) == _sample row by row,
-    # ids and masks bit for bit, truncated both ways where rows are longer than max_length
+    # encode_batch over chunks (7 rows: chunk boundaries inside the file) == render + encode row by
+    # row, ids and masks bit for bit, truncated both ways where rows are longer than max_length
     path = REFERENCE / name
     rows = list(data._iter_rows(path))
     for truncation in ("left", "right") if max_length else ("error",):
-        batched, dropped, _ = data._tokenize_rows(tokenizer, family, [path], {}, max_length, truncation, print,
+        batched, dropped, _ = data._tokenize_rows(tokenizer, family, [path], {}, {}, max_length, truncation, print,
                                                   chunk_rows=7)
-        single = [data._sample(tokenizer, family, m, t, e, max_length, truncation, w) for w, m, t, e in rows]
-        assert max_length is None or any(len(data._sample(tokenizer, family, m, t, e, None, "error", w)[0]) > max_length
-                                         for w, m, t, e in rows)  # truncation happens
+        full = [data.encode(tokenizer, *templates.render(family, m, t, enable_thinking=e)) for w, m, t, e in rows]
+        single = [data._truncate(ids, mask, max_length, truncation, "x") for ids, mask in full]
+        assert max_length is None or any(len(ids) > max_length for ids, _ in full)  # truncation happens
         single = [s for s in single if s[1].any()]
         assert len(batched) == len(single) == len(rows) - dropped
         for (ids, mask), (ids1, mask1) in zip(batched, single):
@@ -305,7 +305,7 @@ def test_progress_line_for_long_builds(tokenizer, monkeypatch):
     clock = iter(range(0, 1000, 3))  # every time.time() call advances 3 s
     monkeypatch.setattr(data.time, "time", lambda: float(next(clock)))
     lines = []
-    data._tokenize_rows(tokenizer, "qwen2.5", [REFERENCE / "retool_like_sample.parquet"], {}, None, "error",
+    data._tokenize_rows(tokenizer, "qwen2.5", [REFERENCE / "retool_like_sample.parquet"], {}, {}, None, "error",
                         lines.append, chunk_rows=3)
     assert lines and all(line.startswith("data: tokenized ") and "rows/s | eta " in line for line in lines)
     assert lines[-1].startswith("data: tokenized 8 / 8 rows") and len(lines) <= 3
@@ -374,4 +374,4 @@ def test_inspect_names_its_own_flag_for_an_unknown_template(tmp_path, capsys):
         data.main(["inspect", str(REFERENCE / "retool_like_sample.parquet"), "--tokenizer", str(tmp_path)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {tmp_path} has no chat template")
-    assert "pass --chat_template qwen2.5|qwen3|qwen3-instruct-2507 to choose" in err
+    assert f"pass --chat_template {templates.CHOICES} to choose" in err

@@ -20,6 +20,7 @@ import demo
 import generate
 import model as M
 import plot
+import templates
 from conftest import REFERENCE, ROOT
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -158,7 +159,7 @@ def test_prompt_equals_official_template_with_generation_prompt(family, thinking
     checked = 0
     for cid, raw_messages, raw_tools in conversations(sources):
         try:  # cases our reader refuses (e.g. list content) have nothing to generate from
-            messages, tools = data._messages(raw_messages, cid), data._tools(raw_tools, cid)
+            messages, tools = templates.normalise(raw_messages, cid), templates.normalise_tools(raw_tools, cid)
         except data.DataError:
             continue
         for turn in range(sum(m["role"] == "assistant" for m in messages[1:])):

@@ -27,7 +27,9 @@ from conftest import REFERENCE, ROOT
 MODEL = REFERENCE / "qwen2.5-0.5b-instruct"
 QWEN3, INSTRUCT = REFERENCE / "qwen3", REFERENCE / "qwen3-instruct-2507"
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="shared/reference is not present")
-TEMPLATE = {"qwen2.5": MODEL, "qwen3": QWEN3, "qwen3-instruct-2507": INSTRUCT}
+QWEN35 = REFERENCE / "qwen3.5"
+TEMPLATE = {"qwen2.5": MODEL, "qwen3": QWEN3, "qwen3-instruct-2507": INSTRUCT,
+            "qwen3.5": QWEN35 / "qwen3.5_chat_template.jinja", "qwen3.8": QWEN35 / "qwen3.8_chat_template.jinja"}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def qwen3_tokenizer():
 
 
 def jinja_template(path):
-    """apply_chat_template(tokenize=False, ...) of transformers 5.24 for the template at path."""
+    """apply_chat_template(tokenize=False, ...) of transformers 5.24 for the template at path (a model
+    dir's chat_template.jinja, or a template file)."""
     jinja2 = pytest.importorskip("jinja2")
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -57,7 +60,8 @@ def jinja_template(path):
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, namespace=jinja2.utils.Namespace,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    template = env.from_string((Path(path) / "chat_template.jinja").read_text(encoding="utf-8"))
+    path = Path(path) if Path(path).is_file() else Path(path) / "chat_template.jinja"
+    template = env.from_string(path.read_text(encoding="utf-8"))
 
     def render(messages, tools=None, add_generation_prompt=False, **kwargs):
         chat = []
@@ -100,7 +104,7 @@ def cases():
 
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c["name"])
 def test_reference_cases(case, tokenizer, official):
-    messages, tools = data._messages(case["messages"], "case"), data._tools(case["tools"], "case")
+    messages, tools = templates.normalise(case["messages"], "case"), templates.normalise_tools(case["tools"], "case")
     text, spans = templates.render("qwen2.5", messages, tools)
     assert text == case["rendered"]
     assert official(case["messages"], case["tools"]) == case["rendered"]  # the reference renderer is right too
@@ -153,23 +157,15 @@ def qwen3_cases():
     return json.loads(path.read_text())["cases"] if path.is_file() else []
 
 
-def normalised(messages):
-    """messages as data.py reads them, when it accepts them (it refuses non-string content)."""
-    if any(not isinstance(m.get("content"), (str, type(None))) for m in messages):
-        return None
-    return data._messages(messages, "case")
-
-
 @pytest.mark.parametrize("case", qwen3_cases(), ids=lambda c: c["id"])
 def test_qwen3_reference_cases(case, qwen3_tokenizer):
     kwargs = case["kwargs"]
     assert jinja_template(QWEN3)(case["messages"], case["tools"], **kwargs) == case["text"]  # the reference is right
     opts = dict(enable_thinking=kwargs.get("enable_thinking", True), add_generation_prompt=kwargs["add_generation_prompt"])
-    text, spans = templates.render("qwen3", case["messages"], case["tools"], **opts)  # OpenAI-style input
+    # OpenAI-style input through the one message contract (list content included: rendered as "")
+    messages, tools = templates.normalise(case["messages"]), templates.normalise_tools(case["tools"])
+    text, spans = templates.render("qwen3", messages, tools, **opts)
     assert text == case["text"]
-    messages = normalised(case["messages"])
-    if messages is not None:
-        assert templates.render("qwen3", messages, data._tools(case["tools"], "case"), **opts) == (text, spans)
     ids, mask = data.encode(qwen3_tokenizer, text, spans)
     assert ids.tolist() == case["input_ids"]
     # Our rule trains a token when ANY character it covers is trained; the cases' masks need ALL of
@@ -188,10 +184,11 @@ def empty_last_block_cases():
 
 @pytest.mark.parametrize("case", empty_last_block_cases(), ids=lambda c: c["id"])
 def test_qwen3_enable_thinking_false_leaves_the_empty_block_untrained(case, qwen3_tokenizer):
-    text, spans = templates.render("qwen3", case["messages"], case["tools"], enable_thinking=False)
+    messages = templates.normalise(case["messages"])
+    text, spans = templates.render("qwen3", messages, case["tools"], enable_thinking=False)
     assert text == case["text"] == jinja_template(QWEN3)(case["messages"], case["tools"], enable_thinking=False)
     ids, mask = data.encode(qwen3_tokenizer, text, spans)
-    _, on = data.encode(qwen3_tokenizer, *templates.render("qwen3", case["messages"], case["tools"]))
+    _, on = data.encode(qwen3_tokenizer, *templates.render("qwen3", messages, case["tools"]))
     # Exactly the four tokens of <think>\n\n</think>\n\n that open the last turn become untrained.
     first = case["assistant_turns"][-1]["token_index_range_through_newline"][0]
     block = [qwen3_tokenizer.token_to_id(t) for t in ("<think>", "ĊĊ", "</think>", "ĊĊ")]
@@ -246,7 +243,7 @@ QWEN3_EDGES = {
 @pytest.mark.parametrize("tools", [None, [WEATHER]])
 def test_qwen3_edge_cases_match_official(name, tools, qwen3_tokenizer):
     messages = QWEN3_EDGES[name]
-    text, spans = templates.render("qwen3", data._messages(messages, "x"), tools)
+    text, spans = templates.render("qwen3", templates.normalise(messages, "x"), tools)
     assert text == jinja_template(QWEN3)(messages, tools)
     # Each loss override trains exactly its own turn's text, as for Qwen2.5.
     trained = "".join(text[a:b] for a, b in spans)
@@ -294,9 +291,8 @@ INSTRUCT_CASES = {
 def test_instruct_2507_matches_official(name, qwen3_tokenizer):
     messages, tools = INSTRUCT_CASES[name]
     expected = jinja_template(INSTRUCT)(messages, tools)
-    for given in (messages, data._messages(messages, "case")):  # OpenAI-style and as data.py reads it
-        text, spans = templates.render("qwen3-instruct-2507", given, tools)
-        assert text == expected
+    text, spans = templates.render("qwen3-instruct-2507", templates.normalise(messages, "case"), tools)
+    assert text == expected
     ids, mask = data.encode(qwen3_tokenizer, text, spans)
     assert ids.tolist() == qwen3_tokenizer.encode(expected, add_special_tokens=False).ids
     assert mask.tolist() == scan_mask(ids, qwen3_tokenizer).tolist()
@@ -322,10 +318,10 @@ def test_generation_prompt_matches_official(family, name, thinking):
     messages = PROMPTS[name]
     kwargs = {} if thinking else {"enable_thinking": False}
     expected = jinja_template(TEMPLATE[family])(messages, [WEATHER], add_generation_prompt=True, **kwargs)
-    text, spans = templates.render(family, data._messages(messages, "x"), [WEATHER], enable_thinking=thinking,
+    text, spans = templates.render(family, templates.normalise(messages, "x"), [WEATHER], enable_thinking=thinking,
                                    add_generation_prompt=True)
     assert text == expected
-    assert text.endswith("<|im_start|>assistant\n" + ("" if thinking or family != "qwen3" else "<think>\n\n</think>\n\n"))
+    assert text.endswith("<|im_start|>assistant\n" + templates.generation_prompt(family, thinking))
     assert all(b <= text.rindex("<|im_start|>assistant\n") for _, b in spans)  # the prompt is never trained
 
 
@@ -342,12 +338,15 @@ def model_dir(tmp_path, name, jinja=None, config=None):
 
 
 def official_text(family):
-    return (TEMPLATE[family] / "chat_template.jinja").read_text(encoding="utf-8")
+    path = TEMPLATE[family]
+    return (path if path.is_file() else path / "chat_template.jinja").read_text(encoding="utf-8")
 
 
 def test_official_templates_are_recognised(tmp_path):
+    configs = {"qwen3.5": {"chat_template": official_text("qwen3.5")}, "qwen3.8": QWEN35 / "qwen3.8-27b"}
     for family in templates.FAMILIES:
-        config = json.loads((TEMPLATE[family] / "tokenizer_config.json").read_text())
+        config = configs.get(family, TEMPLATE[family])
+        config = json.loads((config / "tokenizer_config.json").read_text()) if isinstance(config, Path) else config
         assert config["chat_template"] == official_text(family)  # one text in both places: one digest
         assert hashlib.sha256(official_text(family).encode()).hexdigest() in templates.OFFICIAL
         assert templates.detect(model_dir(tmp_path, f"{family}-config", config=config)) == family
@@ -368,8 +367,8 @@ def test_unknown_or_missing_template_is_refused(tmp_path):
             templates.detect(d)
         msg = str(e.value)
         assert msg.startswith(f"{d} {what}; ") and msg.endswith(".") and ". " not in msg  # one sentence
-        assert "qwen2.5, qwen3, qwen3-instruct-2507" in msg
-        assert "data.chat_template=qwen2.5|qwen3|qwen3-instruct-2507" in msg
+        assert "qwen2.5, qwen3, qwen3-instruct-2507, qwen3.5, qwen3.8" in msg
+        assert "data.chat_template=qwen2.5|qwen3|qwen3-instruct-2507|qwen3.5|qwen3.8" in msg
         assert templates.detect(d, "qwen3-instruct-2507") == "qwen3-instruct-2507"  # the flag forces one
     with pytest.raises(templates.TemplateError, match=r"data\.chat_template='qwen4' is not one of auto, "):
         templates.detect(missing, "qwen4")
@@ -389,8 +388,8 @@ def test_train_refuses_a_model_without_template_in_one_line(tmp_path):
     p = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [f"error: {tmp_path / 'm'} has no chat template; we render the qwen2.5, "
-                                             "qwen3, qwen3-instruct-2507 templates by hand, so pass "
-                                             "data.chat_template=qwen2.5|qwen3|qwen3-instruct-2507 to choose the "
+                                             "qwen3, qwen3-instruct-2507, qwen3.5, qwen3.8 templates by hand, so pass "
+                                             f"data.chat_template={templates.CHOICES} to choose the "
                                              "one this model was trained with."]
 
 
@@ -401,8 +400,8 @@ def test_enable_thinking_column(tmp_path, qwen3_tokenizer):
     path = tmp_path / "t.parquet"
     pq.write_table(pa.Table.from_pylist([{"messages": chat, "enable_thinking": v} for v in (True, False, None)]), path)
     pq.write_table(pa.Table.from_pylist([{"messages": chat}]), tmp_path / "no_column.parquet")
-    on = data.encode(qwen3_tokenizer, *templates.render("qwen3", data._messages(chat, "x")))
-    off = data.encode(qwen3_tokenizer, *templates.render("qwen3", data._messages(chat, "x"), enable_thinking=False))
+    on = data.encode(qwen3_tokenizer, *templates.render("qwen3", templates.normalise(chat, "x")))
+    off = data.encode(qwen3_tokenizer, *templates.render("qwen3", templates.normalise(chat, "x"), enable_thinking=False))
     assert on[1].sum() == off[1].sum() + 4  # the four tokens of the empty think block
     samples = data.build_samples([path, tmp_path / "no_column.parquet"], qwen3_tokenizer, 100, chat_template="qwen3")
     for (ids, mask), (want_ids, want_mask) in zip(samples, [on, off, on, on]):  # true, false, null, missing
@@ -447,4 +446,184 @@ def test_reasoning_fields_and_the_unrendered_warning(tmp_path, qwen3_tokenizer):
                        enable_thinking_key="think")
     assert len(list((tmp_path / "qwen2.5").glob("*.npz"))) == 3
     with pytest.raises(data.DataError, match=r"message 1 has a reasoning_content of type int; reasoning must be"):
-        data._messages([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": 1}], "x")
+        templates.normalise([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": 1}], "x")
+
+
+# --------------------------------------------------------------------------- Qwen3.5 / Qwen3.8
+
+# Every JSON value type as an argument, both as an object and as the JSON string datasets store.
+# (A null argument stays only in a JSON string: in an object it may be parquet's struct unification, so pruned.)
+VALUES = {"city": "São Paulo", "days": 3, "ratio": 1.5, "big": 1e20, "metric": True, "off": False,
+          "tags": ["a", 1, None], "opts": {"deep": {"x": [1.0, "é"]}}, "empty": "", "multi": "line 1\nline 2"}
+
+
+def agentic(args):
+    """A system prompt, history with reasoning both ways, then an agentic run after the last query."""
+    return [{"role": "system", "content": "  You are a weather bot.\n"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<think>\nold plan\n</think>\n\nHello!", "loss": False},
+            {"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}]},
+            {"role": "assistant", "content": "Let me check.", "reasoning_content": "\nNeed the tool.\n",
+             "tool_calls": [call("get_weather", args), call("get_time", {})]},
+            {"role": "tool", "content": " rain "}, {"role": "tool", "content": "09:00"},
+            {"role": "user", "content": "<tool_response>\nsun later\n</tool_response>"},
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Lyon"}}]},
+            {"role": "tool", "content": "sun"},
+            {"role": "assistant", "content": "<think>\nSummarise.\n</think>\n\n  Rain in Paris, sun in Lyon. "}]
+
+
+QWEN35_CASES = {
+    "agentic_object_args": (agentic(VALUES), [WEATHER, TIME]),
+    "agentic_json_string_args": (agentic(json.dumps({**VALUES, "none": None})), [WEATHER, TIME]),
+    "no_tools_no_system": ([{"role": "user", "content": "2+3?"},
+                            {"role": "assistant", "content": "5", "reasoning_content": "2 plus 3."},
+                            {"role": "user", "content": "and 4+4?"}, {"role": "assistant", "content": "8"}], None),
+    "empty_system": ([{"role": "system", "content": ""}, {"role": "user", "content": "q"},
+                      {"role": "assistant", "content": "a</think>b"}], None),
+}
+QWEN35_KWARGS = {"qwen3.5": [{}, {"enable_thinking": True}, {"enable_thinking": False}],
+                 "qwen3.8": [{}, {"enable_thinking": False}, {"preserve_thinking": False},
+                             {"reasoning_effort": "low"}, {"reasoning_effort": "medium", "preserve_thinking": True}]}
+
+
+def official_messages(messages):
+    """What the official template is given: JSON-string arguments decoded (it needs an object)."""
+    out = []
+    for m in messages:
+        calls = [dict(c, function=dict(c["function"])) if "function" in c else dict(c) for c in m.get("tool_calls", [])]
+        for c in calls:
+            fn = c.get("function", c)
+            fn["arguments"] = json.loads(fn["arguments"]) if isinstance(fn["arguments"], str) else fn["arguments"]
+        out.append({**m, "tool_calls": calls} if calls else m)
+    return out
+
+
+def rule_mask(text, ids_offsets, prompt):
+    """The mask rule written from the text alone: each `<|im_start|>assistant\\n`... `<|im_end|>\\n` turn,
+    less a leading generation prompt; a token is trained when any character it covers is."""
+    chars, header, end = np.zeros(len(text) + 1, bool), "<|im_start|>assistant\n", "<|im_end|>\n"
+    start = text.find(header)
+    while start >= 0:
+        a = start + len(header)
+        a += len(prompt) if prompt and text.startswith(prompt, a) else 0
+        b = text.find(end, a)
+        if b < 0:  # the generation prompt at the end
+            break
+        chars[a:b + len(end)] = True
+        start = text.find(header, b)
+    return np.array([chars[s:max(e, s + 1)].any() for s, e in ids_offsets], np.uint8)
+
+
+@pytest.mark.parametrize("family", ["qwen3.5", "qwen3.8"])
+@pytest.mark.parametrize("name", list(QWEN35_CASES))
+def test_qwen35_family_matches_official(family, name, qwen3_tokenizer):
+    messages, tools = QWEN35_CASES[name]
+    official = jinja_template(TEMPLATE[family])
+    normal = templates.normalise(messages)
+    for kwargs in QWEN35_KWARGS[family]:
+        for gen in (False, True):
+            given = messages[:-1] if gen else messages  # a prompt ends before the last reply
+            expected = official(official_messages(given), tools, add_generation_prompt=gen, **kwargs)
+            text, spans = templates.render(family, normal[:len(given)], tools, add_generation_prompt=gen, **kwargs)
+            assert text == expected, kwargs
+            enc = qwen3_tokenizer.encode(text, add_special_tokens=False)
+            ids, mask = data.encode(qwen3_tokenizer, text, spans)
+            # the "Hello!" turn has loss false; every other assistant turn follows the rule
+            want = rule_mask(text, enc.offsets, templates.generation_prompt(family, kwargs.get("enable_thinking", True)))
+            if "Hello!" in text:
+                a = text.rindex("<|im_start|>assistant\n", 0, text.index("Hello!")) + 22
+                b = text.index("<|im_end|>\n", a) + 11
+                want[[t for t, (s, _) in enumerate(enc.offsets) if a <= s < b]] = 0
+            assert mask.tolist() == want.tolist(), kwargs
+    if name == "agentic_object_args":  # values written as each template writes them
+        assert ("<parameter=metric>\nTrue\n" in text) == (family == "qwen3.5")
+        assert ("<parameter=metric>\ntrue\n" in text) == (family == "qwen3.8")
+        assert "<parameter=ratio>\n1.5\n" in text and '<parameter=tags>\n["a", 1, null]\n' in text
+
+
+def test_qwen35_mask_rule_leaves_the_prompt_untrained(qwen3_tokenizer):
+    chat = templates.normalise([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
+    for thinking, prompt in ((True, "<think>\n"), (False, "<think>\n\n</think>\n\n")):
+        text, spans = templates.render("qwen3.5", chat, enable_thinking=thinking)
+        trained = "".join(text[a:b] for a, b in spans)
+        assert text.endswith("<|im_start|>assistant\n" + prompt + ("\n</think>\n\n" if thinking else "") + "4<|im_end|>\n")
+        assert trained == text[text.rindex("<|im_start|>assistant\n") + 22 + len(prompt):]
+
+
+ROW_ERRORS = {
+    "late_system": ([{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                     {"role": "assistant", "content": "a"}], "message 1 is a system message after the first"),
+    "no_query": ([{"role": "user", "content": "<tool_response>x</tool_response>"}, {"role": "assistant", "content": "a"}],
+                 "has no user query"),
+    "image": ([{"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "q"}]},
+               {"role": "assistant", "content": "a"}], "message 0 content part 0 is an image or video"),
+    "list_args": ([{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "", "tool_calls": [call("f", "[1, 2]")]}],
+                  "message 1 tool call 0 has arguments that are not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("family", ["qwen3.5", "qwen3.8"])
+@pytest.mark.parametrize("name", list(ROW_ERRORS))
+def test_rows_the_official_template_refuses_are_one_sentence(family, name, tmp_path, qwen3_tokenizer):
+    jinja2 = pytest.importorskip("jinja2")
+    messages, message = ROW_ERRORS[name]
+    if name != "image":  # the official template refuses these too (an image it renders: we train text only)
+        with pytest.raises((jinja2.exceptions.TemplateError, TypeError)):
+            jinja_template(TEMPLATE[family])(official_messages(messages))
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "fine"}, {"role": "assistant", "content": "ok"}]})
+                    + "\n" + json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(data.DataError) as e:
+        data.build_samples(path, qwen3_tokenizer, None, chat_template=family)
+    msg = str(e.value)
+    assert msg.startswith(f"row 1 of {path}") and message in msg and msg.endswith(".") and ". " not in msg
+
+
+def test_template_kwargs(tmp_path, qwen3_tokenizer):
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": chat, "enable_thinking": v} for v in (True, False, None)]), path)
+
+    def sample(thinking, **kw):
+        return data.encode(qwen3_tokenizer, *templates.render("qwen3.8", templates.normalise(chat),
+                                                             enable_thinking=thinking, **kw))[1].tolist()
+    for kwargs, default, null in (({}, None, True), ({"preserve_thinking": False}, False, False),
+                                  ({"enable_thinking": False, "reasoning_effort": "low"}, None, False)):
+        got = data.build_samples(path, qwen3_tokenizer, None, chat_template="qwen3.8", template_kwargs=kwargs,
+                                 enable_thinking_default=default, cache_dir=tmp_path / "c")
+        fixed = {k: v for k, v in kwargs.items() if k != "enable_thinking"}
+        assert [m.tolist() for _, m in got] == [sample(True, **fixed), sample(False, **fixed), sample(null, **fixed)]
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 3  # the kwargs are part of the cache key
+    for family, kwargs, message in (("qwen3.5", {"preserve_thinking": True}, "preserve_thinking is not read by the qwen3.5"),
+                                    ("qwen2.5", {"enable_thinking": True}, "enable_thinking is not read by the qwen2.5"),
+                                    ("qwen3.8", {"reasoning_effort": "max"}, "reasoning_effort='max' is not one of xhigh"),
+                                    ("qwen3", {"enable_thinking": "no"}, "enable_thinking='no' is not true or false")):
+        with pytest.raises(templates.TemplateError, match=r"^data\.apply_chat_template_kwargs\." + message):
+            data.build_samples(path, qwen3_tokenizer, None, chat_template=family, template_kwargs=kwargs)
+
+
+def test_qwen35_dir_with_the_qwen3_tokenizer_and_inspect(tmp_path, capsys):
+    d = tmp_path / "qwen3.5-tiny"  # no Qwen3.5 tokenizer.json exists here: the Qwen3 one drives the same code
+    d.mkdir()
+    shutil.copyfile(QWEN3 / "tokenizer.json", d / "tokenizer.json")
+    (d / "chat_template.jinja").write_text(official_text("qwen3.5"), encoding="utf-8")
+    assert templates.detect(d) == "qwen3.5"
+    rows = tmp_path / "r.jsonl"
+    rows.write_text(json.dumps({"messages": agentic(VALUES)}) + "\n")
+    data.main(["inspect", str(rows), "--tokenizer", str(d), "--apply_chat_template_kwargs", '{"enable_thinking": false}'])
+    out = capsys.readouterr().out
+    # the trainer's own samples, shown: the empty think block opening each turn is the prompt
+    [(ids, mask)] = data.build_samples(rows, data.load_tokenizer(d), None, chat_template="qwen3.5",
+                                       template_kwargs={"enable_thinking": False})
+    assert f"{len(ids)} tokens, {int(mask.sum())} trained" in out
+    assert "<|im_start|>assistant\n<think>\n\n</think>\n\n[[<tool_call>\n<function=get_weather>" in out
+    assert "<|im_start|>assistant\n[[<think>\nNeed the tool.\n</think>\n\nLet me check." in out
+    with pytest.raises(SystemExit):
+        data.main(["inspect", str(rows), "--tokenizer", str(d), "--apply_chat_template_kwargs", '{"effort": 1}'])
+    assert "error: --apply_chat_template_kwargs effort is not read by the qwen3.5 template" in capsys.readouterr().err
+    # A Qwen3.6 dir ships a template that is not byte-exact to one we render: refused by the usual sentence.
+    (d / "chat_template.jinja").write_text(official_text("qwen3.5").replace("{%- if", "{%- if", 1) + " ", encoding="utf-8")
+    with pytest.raises(templates.TemplateError, match="not an official one"):
+        templates.detect(d)
