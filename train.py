@@ -124,7 +124,8 @@ def build_parser():
     defaults are today's (SPEC §2); the current trainer's come from verl's config files
     (verl/trainer/config/sft_trainer_engine.yaml, model/hf_model.yaml, engine/fsdp.yaml, optim/fsdp.yaml),
     cited beside each key as `yaml: file`."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormat, allow_abbrev=False, add_help=True)
+    p = argparse.ArgumentParser(usage="[torchrun ...] train.py key=value ...", description=__doc__,
+                                formatter_class=HelpFormat, allow_abbrev=False, add_help=True)
     p.dialect_of, p.defaults = {}, {OLD: {}, CURRENT: {}}
 
     def adder(title, dialect):
@@ -141,7 +142,7 @@ def build_parser():
             return group.add_argument(*names, **kw)
         return add
     both = adder("keys of both dialects (default: the old trainer's; sft_trainer: the current one's where it differs)", None)
-    old = adder(f"verl {OLD} keys (torchrun -m verl.trainer.{OLD}, verl <= 0.7: the reference job)", OLD)
+    old = adder(f"verl {OLD} keys (torchrun -m verl.trainer.{OLD}, verl before Feb 2026: the reference job)", OLD)
     cur = adder(f"verl {CURRENT} keys (torchrun -m verl.trainer.{CURRENT}, current verl)", CURRENT)
 
     # --- both: data
