@@ -1,8 +1,9 @@
-"""Multi-turn SFT of Qwen2.5 / Qwen3 dense models (full or LoRA) with verl's fsdp_sft_trainer command line.
+"""Multi-turn SFT of Qwen2.5 / Qwen3 dense models (full or LoRA) with verl's fsdp_sft_trainer or sft_trainer command line.
 
     torchrun --nproc_per_node=2 train.py data.train_files=... model.partial_pretrain=... \
         ulysses_sequence_parallel_size=2 use_remove_padding=true
     python train.py ...        # one process, no launcher
+    torchrun ... train.py model.path=... engine.ulysses_sequence_parallel_size=2 ...   # verl's current sft_trainer keys
 
 Reads top to bottom: command line -> distributed init -> model -> optimizer -> data -> loop -> save.
 """
@@ -83,10 +84,6 @@ OLD, CURRENT = "fsdp_sft_trainer", "sft_trainer"
 KWARGS = "--data.apply_chat_template_kwargs"
 
 
-class HelpFormat(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written; key help as argparse wraps it."""
-
-
 def yaml_scalar(s):
     """A value as Hydra reads a scalar: true/false, null, an int, a float, else the (unquoted) string."""
     s = str(s).strip()
@@ -125,7 +122,7 @@ def build_parser():
     (verl/trainer/config/sft_trainer_engine.yaml, model/hf_model.yaml, engine/fsdp.yaml, optim/fsdp.yaml),
     cited beside each key as `yaml: file`."""
     p = argparse.ArgumentParser(usage="[torchrun ...] train.py key=value ...", description=__doc__,
-                                formatter_class=HelpFormat, allow_abbrev=False, add_help=True)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False, add_help=True)
     p.dialect_of, p.defaults = {}, {OLD: {}, CURRENT: {}}
 
     def adder(title, dialect):
