@@ -189,7 +189,9 @@ def load_checkpoint(path, model, optimizer, scheduler, *, config, lora=None, dev
         raise CheckpointError(f"cannot resume from {path}: {'; '.join(lora_diffs)} changes the LoRA adapter it "
                               "holds; restore the original model.lora_* / model.target_modules, or use a new "
                               "trainer.default_local_dir (or trainer.resume_mode=disable) to start fresh.")
-    diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in config if saved.get(k) != now[k]]
+    # Over the keys of both: a key recorded only when set (train.LATER_RESUME_KEYS) may be on one side only.
+    keys = sorted((set(config) | set(meta["config"])) - set(LORA_KEYS))
+    diffs = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: {'; '.join(diffs)} would change the data order or "
                               "schedule; restore the original values, or use a new trainer.default_local_dir "
