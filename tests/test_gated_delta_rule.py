@@ -89,3 +89,15 @@ def test_rows_outside_samples_and_errors():
         chunk_gated_delta_rule_torch(q[0], k, v, g, beta)
     with pytest.raises(ValueError, match="initial_state"):
         chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=torch.zeros(1, 1, 8, 8), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("dtype,K,V,atol", [(torch.float32, 32, 32, 1e-4), (torch.float32, 32, 64, 1e-4),
+                                            (torch.float16, 32, 32, 3e-2)])
+def test_triton_equals_recurrence(dtype, K, V, atol):
+    """The Triton kernels (interpreter on CPU) == float64 recurrence: o, final state, grads of q, k, v, g, beta, h0."""
+    with_state = V == 64  # one run with initial state (and two V blocks in the state kernels)
+    inputs, h0, cu, do, dh = make_inputs(LENS, H=2, K=K, V=V, with_state=with_state)
+    exact = run(gated_delta_rule_reference, inputs, h0, cu, do, dh, torch.float64)
+    ours = run(chunk_gated_delta_rule_triton, inputs, h0, cu, do, dh, dtype)
+    assert ours[0].dtype == dtype and ours[1].dtype == torch.float32
+    assert_close(ours, exact, atol=atol, rtol=atol)
