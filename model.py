@@ -783,12 +783,30 @@ def flops_per_token(config, mean_seqlen):
     Matmul params exclude the embedding lookup but include the LM head. Causal attention costs
     6 * 2 * L * H * D * s / 2 per token (QK^T and PV, half the pairs).
     """
+    if config.get("model_type") == "qwen3_5_text":
+        return qwen3_5_flops_per_token(config, mean_seqlen)
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     d = head_dim_of(config)
     per_layer = h * heads * d * 2 + h * kv * d * 2 + 3 * h * config["intermediate_size"]
     matmul = layers * per_layer + h * config["vocab_size"]
     return 6 * matmul + 6 * layers * heads * d * mean_seqlen
+
+
+def qwen3_5_flops_per_token(cfg, mean_seqlen):
+    """flops_per_token for Qwen3.5: 6 x matmul params (gated q_proj is doubled; DeltaNet's projections) + causal
+    attention in the full layers + the delta rule's state work in the others: reading (S^T k, S^T q) and writing
+    (k u^T) a Dk x Dv state, 3 x 2 x Dk x Dv forward per token and value head (the chunked form's intra-chunk
+    matmuls, a few percent at Dk = Dv = 128, are not counted)."""
+    h, inter, kinds = cfg["hidden_size"], cfg["intermediate_size"], cfg["layer_types"]
+    H, Hkv, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    Hk, Hv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    Dk, Dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    n_full = kinds.count("full_attention")
+    full = h * H * D * 2 + h * Hkv * D * 2 + H * D * h
+    linear = h * (2 * Hk * Dk + Hv * Dv) + h * Hv * Dv + 2 * h * Hv + Hv * Dv * h  # qkv, z, b and a, out_proj
+    matmul = n_full * full + (len(kinds) - n_full) * linear + len(kinds) * 3 * h * inter + h * cfg["vocab_size"]
+    return 6 * matmul + 6 * n_full * H * D * mean_seqlen + 3 * (len(kinds) - n_full) * Hv * 6 * Dk * Dv
 
 
 # Dense bf16 peak FLOP/s per GPU, for MFU (by a substring of torch.cuda.get_device_name).

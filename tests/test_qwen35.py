@@ -155,3 +155,21 @@ def test_default_layer_types_and_random_build():
     m = M.build_random(Q.multimodal_config(tied=True), seed=0)  # the composite config is flattened
     assert m.lm_head.weight is m.model.embed_tokens.weight
     assert torch.all(m.model.norm.weight == 0) and torch.all(m.model.layers[0].linear_attn.norm.weight == 1)
+
+
+def test_packed_gradients_equal_transformers_per_sample():
+    """Backward too: d(sum of per-token CE over the pack) == the sum of transformers' per-sample gradients."""
+    torch.manual_seed(4)
+    hf = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**Q.text_config()))
+    Q.perturb_(hf.float(), seed=4)
+    ours = M.load_state_dict_into(M.build_random(Q.text_config()), hf.state_dict())
+    ids, cu = packed([5, 70])
+    labels = ids.roll(-1)
+    labels[cu[1:] - 1] = -100  # no target across a sample boundary
+    ours(ids, cu, labels=labels).backward()
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        logits = hf(input_ids=ids[s:e][None]).logits[0]
+        torch.nn.functional.cross_entropy(logits, labels[s:e], ignore_index=-100, reduction="sum").backward()
+    grads = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-4, rtol=1e-3, msg=name)
