@@ -8,6 +8,8 @@ Parameter names equal Hugging Face's `Qwen2ForCausalLM` / `Qwen3ForCausalLM`, so
 with strict=True and no renaming, and what we save loads in transformers and vLLM as it is.
 config.json is read in the dialects transformers 4 and 5 write (rope_theta at top level or inside
 rope_parameters / rope_scaling; RoPE types default, linear and yarn; torch_dtype or dtype).
+Qwen3.5 (model_type qwen3_5 / qwen3_5_text) reuses the same wrapper (Qwen2ForCausalLM: embedding, layers in
+model.model.layers, final norm, LM head, fused loss) around Qwen3_5TextModel; see its section below.
 This file knows nothing of process groups: parallel.py acts on a built model from outside.
 """
 import functools
