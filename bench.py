@@ -37,6 +37,13 @@ CONFIGS = {
     "tiny": dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
                  tie_word_embeddings=True, max_position_embeddings=4096, initializer_range=0.02),
+    # Qwen3.5-0.8B's shape (shared/reference README): 3 Gated DeltaNet layers to 1 gated attention layer.
+    "qwen3.5-0.8b": dict(model_type="qwen3_5_text", vocab_size=248320, hidden_size=1024, intermediate_size=3584,
+                         num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+                         linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128,
+                         linear_value_head_dim=128, linear_conv_kernel_dim=4, rms_norm_eps=1e-6,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000000.0, partial_rotary_factor=0.25),
+                         tie_word_embeddings=True, max_position_embeddings=262144, initializer_range=0.02),
 }
 # Shapes for the memory table only (--memory), from the models' config.json.
 MEMORY_CONFIGS = {
@@ -45,9 +52,11 @@ MEMORY_CONFIGS = {
                          num_attention_heads=12, num_key_value_heads=2),
     "qwen2.5-7b": dict(CONFIGS["qwen2.5-0.5b"], vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "qwen3.5-0.8b": CONFIGS["qwen3.5-0.8b"],
 }
 DEFAULTS = {"qwen2.5-0.5b": dict(seqlens="2048,8192,16384", pack=16384, steps=10, warmup=3),
-            "tiny": dict(seqlens="64,128", pack=256, steps=2, warmup=1)}
+            "tiny": dict(seqlens="64,128", pack=256, steps=2, warmup=1),
+            "qwen3.5-0.8b": dict(seqlens="2048,8192,16384", pack=16384, steps=10, warmup=3)}
 VARIANTS = ("ours", "ours+recompute", "plain", "hf-sdpa")
 
 
@@ -88,7 +97,7 @@ def loss_hf(m, b):
 def build(variant, cfg, init_state, device, dtype):
     if variant == "hf-sdpa":
         import transformers
-        hf_cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.items() if k != "model_type"})
+        hf_cfg = transformers.AutoConfig.for_model(**cfg)  # Qwen2Config or Qwen3_5TextConfig
         with torch.device(device):
             m = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
         loss_fn = loss_hf
@@ -210,7 +219,7 @@ def memory_table(configs, ranks, world_size):
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in configs:
         for dtype in (torch.float32, torch.bfloat16):
-            for r in [0] + ranks:
+            for r in [0] + (ranks if "linear_num_key_heads" not in MEMORY_CONFIGS[name] else []):  # no DeltaNet LoRA yet
                 b = training_state_bytes(MEMORY_CONFIGS[name], r, dtype, world_size)
                 row = [name, str(dtype).removeprefix("torch."), f"LoRA r={r}" if r else "full",
                        f"{b['trained'] / 1e6:,.1f}M of {b['total'] / 1e9:.2f}B", gib(b["params"]), gib(b["grads"]),
