@@ -110,7 +110,8 @@ def main():
     ok = check_correctness()
     fla = fla_fn()
     print(f"flash-linear-attention: {'found' if fla else 'not installed'}\n")
-    print("| shape | pack | ours fwd ms | torch fwd | x | fla fwd | ours fwd+bwd ms | torch fwd+bwd | x | fla fwd+bwd |")
+    print("| shape | pack | ours fwd ms | torch fwd | x | fla fwd | ours fwd+bwd ms | torch fwd+bwd | x "
+          "| fla fwd+bwd |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, H in SHAPES:
         for pack, lens in PACKS.items():

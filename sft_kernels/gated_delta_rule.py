@@ -11,6 +11,21 @@ for every token t
 with scale K**-0.5 by default. Returns o (1, T, H, V) in v's dtype and the final states (N, H, K, V) fp32 (or None).
 Tokens outside every sample (cu_seqlens[-1] < T) get o = 0.
 
+Supported
+- any sample length (0, 1, 63, 64, 65, ...), any number of samples; boundaries from cu_seqlens (read on the host
+  once per call: the Triton path builds its chunk table from it).
+- initial_state (N, H, K, V) and output_final_state, differentiable in both (dq, dk, dv, dg, dbeta, d initial_state).
+- Triton: q/k/v fp16 or bf16 on CUDA (fp32 too: exact dots, slow, for tests), g/beta any float dtype; K and V in
+  {16, 32, 64, 128}; state and all intermediate factors in fp32. Deterministic backward (no atomics: per-V-block
+  partial sums are added in a fixed order). Activations saved for backward: the inputs only.
+- torch path: any dtype and head dims; float64 in gives float64 math (the tests' exact mode).
+
+Not supported: q/k L2-norm inside (the caller normalises), grouped q/k heads (repeat them to the value heads first),
+batch > 1 (pack instead), head dims above 128 in Triton, the recurrent single-token decode kernel (generation runs
+the torch path or the reference), sequence-parallel state passing between ranks.
+Known gap: at K = V = 128 every autotune config compiles for sm_90 but ptxas reports register spills (STACK > 0);
+the per-element pointer tensors of the (64, 128) tiles are the likely cause (block pointers would remove them).
+
 Three implementations of one function:
 - gated_delta_rule_reference: token by token, in float64 when given float64 (the ground truth of the tests).
 - chunk_gated_delta_rule_torch: the chunked WY/UT form in plain torch (chunks of 64), fp32 at least, differentiable
