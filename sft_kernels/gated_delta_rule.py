@@ -173,15 +173,20 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
 # --------------------------------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# Four kernels, two of them sequential over the chunks of a sample (state in registers), two parallel over chunks:
+# Four kernels, two of them sequential over the chunks of a sample (state slice in registers), two parallel over
+# chunks. Every (rows, dim) tile is addressed by a block pointer over the sample's rows (rows past the sample's end
+# read as zero and are never written): per-element pointer tensors of (64, 128) tiles cost ~128 registers a thread.
 #   _prep_kernel       (chunk, head)              the UT transform T = (I + A)^-1 by forward substitution, then
-#                                                 W = T diag(beta e^b) K and U' = T diag(beta) V (fp32, (T, H, K|V)).
+#                                                 W = T diag(beta e^b) K and U' = T diag(beta) V ((T, H, K|V), dtype
+#                                                 of q: they only ever enter dots, whose operands are that dtype).
 #   _fwd_kernel        (V block, sample, head)    U = U' - W S, O, S <- next state; the backward re-runs it to store
 #                                                 the state at every chunk start and U (transient, freed after).
-#   _bwd_state_kernel  (V block, sample, head)    reverse over chunks: dU and dS, and the parts of dq, dW, dk that
-#                                                 need the state (fp32 partials per V block, summed in fixed order).
-#   _bwd_intra_kernel  (chunk, head)              everything inside a chunk: dq, dk, dv, dbeta, dg.
+#   _bwd_state_kernel  (V block, sample, head)    reverse over chunks: dU and dS; stores dS at every chunk end.
+#   _bwd_intra_kernel  (chunk, head)              everything per chunk from the stored S, dS, U, dU, looping over V
+#                                                 blocks (fixed order, no atomics): dq, dk, dv, dbeta, dg.
 # Saved for backward: only the inputs (and cu_seqlens); the rest is recomputed, so activations stay O(T H D).
+# Transient during one layer's backward: W, U', U, dU (T, H, D) and the states S, dS (n_chunks, H, K, V) in the
+# inputs' dtype (they enter dots only), T (n_chunks, H, 64, 64) fp32.
 
 
 @triton.jit
@@ -191,14 +196,37 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(X, h, t0, end, col, H, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    # rows t0 .. t0 + BT, columns col .. col + BD of head h in a (T, H, D) tensor; rows >= end read as zero
+    r, d = t0 + tl.arange(0, BT), col + tl.arange(0, BD)
+    return tl.load(X + h * D + r[:, None] * (H * D) + d[None, :], mask=(r < end)[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(X, x, h, t0, end, col, H, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    # the (BT, BD) tile x to the rows t0 .. min(t0 + BT, end) of _load_rows's window, in X's dtype
+    r, d = t0 + tl.arange(0, BT), col + tl.arange(0, BD)
+    tl.store(X + h * D + r[:, None] * (H * D) + d[None, :], x.to(X.dtype.element_ty), mask=(r < end)[:, None])
+
+
+@triton.jit
+def _state_ptrs(X, idx, col, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    # pointers to columns col .. col + BV of the idx-th (K, V) matrix of a (..., K, V) tensor: (K, BV)
+    return X + idx.to(tl.int64) * (K * V) + tl.arange(0, K)[:, None] * V + (col + tl.arange(0, BV))[None, :]
+
+
+# The UT transform and the WY factors of one chunk: A = strictly lower beta_i e^{b_i - b_j} k_i.k_j, T = (I + A)^-1,
+# W = T diag(beta e^b) K (BT, K), U' = T diag(beta) V (BT, V); T itself (BT, BT) fp32 when STORE_T (the backward).
+@triton.jit
 def _prep_kernel(K_, V_, G, BETA, W, U, TM, CHUNKS, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                  STORE_T: tl.constexpr, DOT_PREC: tl.constexpr):
     c, h = tl.program_id(0), tl.program_id(1)
     t0, eos = tl.load(CHUNKS + 2 * c), tl.load(CHUNKS + 2 * c + 1)
-    rows = t0 + tl.arange(0, BT)
+    i = tl.arange(0, BT)
+    rows = t0 + i
     ok = rows < eos
-    ik, iv, i = tl.arange(0, K), tl.arange(0, V), tl.arange(0, BT)
-    k = tl.load(K_ + (rows[:, None] * H + h) * K + ik[None, :], mask=ok[:, None], other=0.0)  # (BT, K)
+    dt = K_.dtype.element_ty
+    k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
     g = tl.load(G + rows * H + h, mask=ok, other=0.0).to(tl.float32)
     beta = tl.load(BETA + rows * H + h, mask=ok, other=0.0).to(tl.float32)
     b = tl.cumsum(g, 0)
@@ -211,17 +239,18 @@ def _prep_kernel(K_, V_, G, BETA, W, U, TM, CHUNKS, H, K: tl.constexpr, V: tl.co
         a_r = tl.sum(tl.where(i[:, None] == r, A, 0.0), 0)  # (BT,) row r of A, indexed by column j
         row = tl.sum(a_r[:, None] * Tm, 0)  # sum_j A_rj T_j
         Tm = Tm - tl.where(i[:, None] == r, row[None, :], 0.0)
-    dt = K_.dtype.element_ty
-    kb = (k.to(tl.float32) * (beta * tl.exp(b))[:, None]).to(dt)
-    w = _dot(Tm.to(dt), kb, DOT_PREC)  # (BT, K)
-    tl.store(W + (rows[:, None] * H + h) * K + ik[None, :], w, mask=ok[:, None])
-    v = tl.load(V_ + (rows[:, None] * H + h) * V + iv[None, :], mask=ok[:, None], other=0.0)
-    u = _dot(Tm.to(dt), (v.to(tl.float32) * beta[:, None]).to(dt), DOT_PREC)  # (BT, V)
-    tl.store(U + (rows[:, None] * H + h) * V + iv[None, :], u, mask=ok[:, None])
     if STORE_T:
-        tl.store(TM + ((c * H + h) * BT + i[:, None]) * BT + i[None, :], Tm)
+        tl.store(TM + (c * H + h).to(tl.int64) * BT * BT + i[:, None] * BT + i[None, :], Tm)
+    Tm = Tm.to(dt)
+    kb = (k.to(tl.float32) * (beta * tl.exp(b))[:, None]).to(dt)
+    _store_rows(W, _dot(Tm, kb, DOT_PREC).to(dt), h, t0, eos, 0, H, K, BT, K)
+    v = _load_rows(V_, h, t0, eos, 0, H, V, BT, V)  # (BT, V)
+    u = _dot(Tm, (v.to(tl.float32) * beta[:, None]).to(dt), DOT_PREC)  # (BT, V)
+    _store_rows(U, u.to(dt), h, t0, eos, 0, H, V, BT, V)
 
 
+# The recurrence over the chunks of one sample for columns [vb BV, vb BV + BV) of the state (every update is
+# separable in V): U = U' - W S, O = scale (diag(e^b) Q S + tril(Q K^T * e^{b_i - b_j}) U), S <- next state.
 @triton.jit
 def _fwd_kernel(Q, K_, G, W, UP, O, H0, HT, HBUF, UBUF, CU, FIRST, scale, H, K: tl.constexpr, V: tl.constexpr,
                 BT: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr,
@@ -229,10 +258,10 @@ def _fwd_kernel(Q, K_, G, W, UP, O, H0, HT, HBUF, UBUF, CU, FIRST, scale, H, K: 
     vb, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(CU + n), tl.load(CU + n + 1)
     chunk = tl.load(FIRST + n)  # global index of this sample's first chunk (rows of HBUF)
-    ik, iv, i = tl.arange(0, K), vb * BV + tl.arange(0, BV), tl.arange(0, BT)
-    s_off = ik[:, None] * V + iv[None, :]  # (K, BV) slice of a (K, V) state
+    col = vb * BV
+    i = tl.arange(0, BT)
     if HAS_H0:
-        S = tl.load(H0 + (n * H + h) * K * V + s_off).to(tl.float32)
+        S = tl.load(_state_ptrs(H0, n * H + h, col, K, V, BV)).to(tl.float32)  # (K, BV)
     else:
         S = tl.zeros((K, BV), dtype=tl.float32)
     causal = i[:, None] >= i[None, :]
@@ -240,95 +269,86 @@ def _fwd_kernel(Q, K_, G, W, UP, O, H0, HT, HBUF, UBUF, CU, FIRST, scale, H, K: 
     for t0 in range(bos, eos, BT):
         rows = t0 + i
         ok = rows < eos
-        qk_off = (rows[:, None] * H + h) * K + ik[None, :]
-        v_off = (rows[:, None] * H + h) * V + iv[None, :]
-        q = tl.load(Q + qk_off, mask=ok[:, None], other=0.0)
-        k = tl.load(K_ + qk_off, mask=ok[:, None], other=0.0)
         g = tl.load(G + rows * H + h, mask=ok, other=0.0).to(tl.float32)
         b = tl.cumsum(g, 0)
         b_last = tl.sum(g, 0)  # = b at the last valid row (padding rows have g = 0)
+        Sd = S.to(dt)
         if STORE_STATES:
-            tl.store(HBUF + (chunk * H + h) * K * V + s_off, S)
-        w = tl.load(W + qk_off, mask=ok[:, None], other=0.0)
-        u = tl.load(UP + v_off, mask=ok[:, None], other=0.0) - _dot(w.to(dt), S.to(dt), DOT_PREC)  # U' - W S
+            tl.store(_state_ptrs(HBUF, chunk * H + h, col, K, V, BV), Sd)
+        w = _load_rows(W, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
+        u = _load_rows(UP, h, t0, eos, col, H, V, BT, BV)
+        u = (u.to(tl.float32) - _dot(w, Sd, DOT_PREC)).to(dt)  # U = U' - W S  (BT, BV)
         if STORE_STATES:
-            tl.store(UBUF + v_off, u, mask=ok[:, None])
+            _store_rows(UBUF, u, h, t0, eos, col, H, V, BT, BV)
+        k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
         if STORE_O:
+            q = _load_rows(Q, h, t0, eos, 0, H, K, BT, K)
             P = _dot(q, tl.trans(k), DOT_PREC) * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
             qd = (q.to(tl.float32) * tl.exp(b)[:, None]).to(dt)
-            o = scale * (_dot(qd, S.to(dt), DOT_PREC) + _dot(P.to(dt), u.to(dt), DOT_PREC))
-            tl.store(O + v_off, o.to(O.dtype.element_ty), mask=ok[:, None])
+            o = scale * (_dot(qd, Sd, DOT_PREC) + _dot(P.to(dt), u, DOT_PREC))  # (BT, BV)
+            _store_rows(O, o.to(O.dtype.element_ty), h, t0, eos, col, H, V, BT, BV)
         kd = (k.to(tl.float32) * tl.exp(b_last - b)[:, None]).to(dt)  # diag(e^{b_C - b}) K
-        S = tl.exp(b_last) * S + _dot(tl.trans(kd), u.to(dt), DOT_PREC)
+        S = tl.exp(b_last) * S + _dot(tl.trans(kd), u, DOT_PREC)
         chunk += 1
     if STORE_FINAL:
-        tl.store(HT + (n * H + h) * K * V + s_off, S)
+        tl.store(_state_ptrs(HT, n * H + h, col, K, V, BV), S)
 
 
+# The reverse recurrence for columns [vb BV, vb BV + BV): from dS1 (the state gradient at a chunk's end),
+# dU = scale P^T dO + diag(e^{b_C - b}) K dS1 and dS0 = e^{b_C} dS1 + scale (diag(e^b) Q)^T dO - W^T dU.
+# Stores dU and every dS1 (for _bwd_intra_kernel) and the gradient of the initial state.
 @triton.jit
-def _bwd_state_kernel(Q, K_, G, W, UBUF, HBUF, DO, DHT, DH0, DU, DQI, DW, DKD, DBC, CU, FIRST, scale, T, H,
-                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
-                      DOT_PREC: tl.constexpr):
+def _bwd_state_kernel(Q, K_, G, W, DO, DHT, DH0, DU, DHBUF, CU, FIRST, scale, H, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, DOT_PREC: tl.constexpr):
     vb, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(CU + n), tl.load(CU + n + 1)
     first = tl.load(FIRST + n)
-    ik, iv, i = tl.arange(0, K), vb * BV + tl.arange(0, BV), tl.arange(0, BT)
-    s_off = ik[:, None] * V + iv[None, :]
+    col = vb * BV
+    i = tl.arange(0, BT)
     if HAS_DHT:
-        dS = tl.load(DHT + (n * H + h) * K * V + s_off).to(tl.float32)
+        dS = tl.load(_state_ptrs(DHT, n * H + h, col, K, V, BV)).to(tl.float32)  # (K, BV)
     else:
         dS = tl.zeros((K, BV), dtype=tl.float32)
     causal = i[:, None] >= i[None, :]
     dt = Q.dtype.element_ty
     n_chunks = tl.cdiv(eos - bos, BT)
-    part = vb * T * H * K  # this V block's slice of the (NV, T, H, K) partial sums
     for back in range(0, n_chunks):
         ci = n_chunks - 1 - back
-        chunk = first + ci
-        rows = bos + ci * BT + i
+        t0 = bos + ci * BT
+        rows = t0 + i
         ok = rows < eos
-        qk_off = (rows[:, None] * H + h) * K + ik[None, :]
-        v_off = (rows[:, None] * H + h) * V + iv[None, :]
-        q = tl.load(Q + qk_off, mask=ok[:, None], other=0.0)
-        k = tl.load(K_ + qk_off, mask=ok[:, None], other=0.0)
         g = tl.load(G + rows * H + h, mask=ok, other=0.0).to(tl.float32)
         b = tl.cumsum(g, 0)
         b_last = tl.sum(g, 0)
-        S0 = tl.load(HBUF + (chunk * H + h) * K * V + s_off)  # state at the chunk start, fp32 (K, BV)
-        do = tl.load(DO + v_off, mask=ok[:, None], other=0.0)
-        u = tl.load(UBUF + v_off, mask=ok[:, None], other=0.0)
+        dSd = dS.to(dt)
+        tl.store(_state_ptrs(DHBUF, (first + ci) * H + h, col, K, V, BV), dSd)
+        q = _load_rows(Q, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
+        k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)
+        do = _load_rows(DO, h, t0, eos, col, H, V, BT, BV)
         P = _dot(q, tl.trans(k), DOT_PREC) * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
         kd = (k.to(tl.float32) * tl.exp(b_last - b)[:, None]).to(dt)
-        # dU = scale P^T dO + diag(e^{b_C - b}) K dS1
-        du = scale * _dot(tl.trans(P.to(dt)), do, DOT_PREC) + _dot(kd, dS.to(dt), DOT_PREC)  # (BT, BV)
-        tl.store(DU + v_off, du, mask=ok[:, None])
-        S0t = tl.trans(S0.to(dt))  # (BV, K)
-        dqi = scale * tl.exp(b)[:, None] * _dot(do, S0t, DOT_PREC)  # from O = scale diag(e^b) Q S0
-        tl.store(DQI + part + qk_off, dqi, mask=ok[:, None])
-        tl.store(DW + part + qk_off, -_dot(du.to(dt), S0t, DOT_PREC), mask=ok[:, None])  # U = U' - W S0
-        tl.store(DKD + part + qk_off, _dot(u.to(dt), tl.trans(dS.to(dt)), DOT_PREC), mask=ok[:, None])
-        # d(e^{b_C}) S0 term of S1, per (chunk, head, V block): (n_chunks, H, NV)
-        tl.store(DBC + (chunk * H + h) * tl.num_programs(0) + vb, tl.exp(b_last) * tl.sum(tl.sum(S0 * dS, 1), 0))
-        w = tl.load(W + qk_off, mask=ok[:, None], other=0.0)
+        du = (scale * _dot(tl.trans(P.to(dt)), do, DOT_PREC) + _dot(kd, dSd, DOT_PREC)).to(dt)  # (BT, BV)
+        _store_rows(DU, du, h, t0, eos, col, H, V, BT, BV)
         qd = (q.to(tl.float32) * tl.exp(b)[:, None]).to(dt)
-        dS = (tl.exp(b_last) * dS + scale * _dot(tl.trans(qd), do, DOT_PREC)
-              - _dot(tl.trans(w.to(dt)), du.to(dt), DOT_PREC))
-    tl.store(DH0 + (n * H + h) * K * V + s_off, dS)
+        w = _load_rows(W, h, t0, eos, 0, H, K, BT, K)
+        dS = tl.exp(b_last) * dS + scale * _dot(tl.trans(qd), do, DOT_PREC) - _dot(tl.trans(w), du, DOT_PREC)
+    tl.store(_state_ptrs(DH0, n * H + h, col, K, V, BV), dS)
 
 
+# Everything inside one chunk, given S0 (state at its start), dS1 (state gradient at its end), U, dU and T:
+# first pass over V blocks -> dq (from O = scale (diag(e^b) Q S0 + tril(Q K^T * gamma) U)); second pass -> dv and
+# the parts of dk, dbeta that run through W, U', S1; then dk, dbeta, dg through T = (I + A)^-1.
 @triton.jit
-def _bwd_intra_kernel(Q, K_, V_, G, BETA, TM, UBUF, DO, DU, DQI, DW, DKD, DBC, DQ, DK, DV, DG, DBETA, CHUNKS, scale,
-                      T, H, NV, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_intra_kernel(Q, K_, V_, G, BETA, TM, HBUF, DHBUF, UBUF, DO, DU, DQ, DK, DV, DG, DBETA, CHUNKS, scale, H,
+                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
     c, h = tl.program_id(0), tl.program_id(1)
     t0, eos = tl.load(CHUNKS + 2 * c), tl.load(CHUNKS + 2 * c + 1)
-    i, ik, iv = tl.arange(0, BT), tl.arange(0, K), tl.arange(0, V)
+    i = tl.arange(0, BT)
     rows = t0 + i
     ok = rows < eos
-    qk_off = (rows[:, None] * H + h) * K + ik[None, :]
-    v_off = (rows[:, None] * H + h) * V + iv[None, :]
     dt = Q.dtype.element_ty
-    q = tl.load(Q + qk_off, mask=ok[:, None], other=0.0)
-    k = tl.load(K_ + qk_off, mask=ok[:, None], other=0.0)
+    q = _load_rows(Q, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
+    k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)
     g = tl.load(G + rows * H + h, mask=ok, other=0.0).to(tl.float32)
     beta = tl.load(BETA + rows * H + h, mask=ok, other=0.0).to(tl.float32)
     b = tl.cumsum(g, 0)
@@ -336,50 +356,61 @@ def _bwd_intra_kernel(Q, K_, V_, G, BETA, TM, UBUF, DO, DU, DQI, DW, DKD, DBC, D
     causal = i[:, None] >= i[None, :]
     strict = i[:, None] > i[None, :]
     gamma = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))  # e^{b_i - b_j}, i >= j
-    # fp32 partial sums of the state kernel's V blocks, added in a fixed order (deterministic)
-    dqi = tl.zeros((BT, K), dtype=tl.float32)
+    eb = tl.exp(b)
+    s_idx = c * H + h  # this chunk's (K, V) state in HBUF / DHBUF
+
+    # pass 1: dP = scale dO U^T (causal) and dq_inter = scale diag(e^b) dO S0^T, summed over V blocks
+    dP = tl.zeros((BT, BT), dtype=tl.float32)
+    dqs = tl.zeros((BT, K), dtype=tl.float32)
+    for col in range(0, V, BV):
+        do = _load_rows(DO, h, t0, eos, col, H, V, BT, BV)
+        u = _load_rows(UBUF, h, t0, eos, col, H, V, BT, BV)
+        s0 = tl.load(_state_ptrs(HBUF, s_idx, col, K, V, BV))  # (K, BV)
+        dP += _dot(do, tl.trans(u), DOT_PREC)
+        dqs += _dot(do, tl.trans(s0), DOT_PREC)
+    dP = tl.where(causal, scale * dP, 0.0)
+    dqi = (scale * eb)[:, None] * dqs  # (BT, K)
+    dPg = (dP * gamma).to(dt)
+    _store_rows(DQ, (dqi + _dot(dPg, k, DOT_PREC)).to(DQ.dtype.element_ty), h, t0, eos, 0, H, K, BT, K)
+    M = dP * _dot(q, tl.trans(k), DOT_PREC) * gamma  # d/d(b_i - b_j) of P_ij
+    db = tl.sum(dqi * q.to(tl.float32), 1) + tl.sum(M, 1) - tl.sum(M, 0)
+
+    # pass 2 over V blocks: U = U' - W S0 -> dW = -dU S0^T; S1 = e^{b_C} S0 + (diag(e^{b_C - b}) K)^T U -> dkd
+    # = dU_S1 = U dS1^T and the e^{b_C} term; U' = T X with X = diag(beta) V -> dX = T^T dU (dv, dbeta), dT = dU X^T
+    Tm = tl.load(TM + s_idx.to(tl.int64) * BT * BT + i[:, None] * BT + i[None, :])
+    Tm = Tm.to(dt)
     dw = tl.zeros((BT, K), dtype=tl.float32)
     dkd = tl.zeros((BT, K), dtype=tl.float32)
-    db_last = 0.0
-    for vb in range(0, NV):
-        dqi += tl.load(DQI + vb * T * H * K + qk_off, mask=ok[:, None], other=0.0)
-        dw += tl.load(DW + vb * T * H * K + qk_off, mask=ok[:, None], other=0.0)
-        dkd += tl.load(DKD + vb * T * H * K + qk_off, mask=ok[:, None], other=0.0)
-        db_last += tl.load(DBC + (c * H + h) * NV + vb)
-
-    # O_intra = scale tril(Q K^T * gamma) U  and  O_inter = scale diag(e^b) Q S0 (its dq came as dqi)
-    do = tl.load(DO + v_off, mask=ok[:, None], other=0.0)
-    u = tl.load(UBUF + v_off, mask=ok[:, None], other=0.0)
-    P = _dot(q, tl.trans(k), DOT_PREC) * gamma
-    dP = tl.where(causal, scale * _dot(do, tl.trans(u.to(dt)), DOT_PREC), 0.0)
-    dPg = (dP * gamma).to(dt)
-    dq = dqi + _dot(dPg, k, DOT_PREC)
-    dk = _dot(tl.trans(dPg), q, DOT_PREC)
-    db = tl.sum(dqi * q.to(tl.float32), 1)
-    M = dP * P  # d/d(b_i - b_j) of P_ij
-    db += tl.sum(M, 1) - tl.sum(M, 0)
-    # S1 = e^{b_C} S0 + (diag(e^{b_C - b}) K)^T U (the dS0-term of e^{b_C} came as db_last)
+    dT = tl.zeros((BT, BT), dtype=tl.float32)
+    dbeta = tl.zeros((BT,), dtype=tl.float32)
+    dS_S0 = tl.zeros((BV,), dtype=tl.float32)
+    for col in range(0, V, BV):
+        du = _load_rows(DU, h, t0, eos, col, H, V, BT, BV)
+        u = _load_rows(UBUF, h, t0, eos, col, H, V, BT, BV)
+        v = _load_rows(V_, h, t0, eos, col, H, V, BT, BV)
+        s0 = tl.load(_state_ptrs(HBUF, s_idx, col, K, V, BV))  # (K, BV)
+        ds1 = tl.load(_state_ptrs(DHBUF, s_idx, col, K, V, BV))
+        dw -= _dot(du, tl.trans(s0), DOT_PREC)
+        dkd += _dot(u, tl.trans(ds1), DOT_PREC)
+        dS_S0 += tl.sum(s0.to(tl.float32) * ds1.to(tl.float32), 0)
+        dT += _dot(du, tl.trans((v.to(tl.float32) * beta[:, None]).to(dt)), DOT_PREC)
+        dX = _dot(tl.trans(Tm), du, DOT_PREC)  # (BT, BV)
+        _store_rows(DV, (beta[:, None] * dX).to(DV.dtype.element_ty), h, t0, eos, col, H, V, BT, BV)
+        dbeta += tl.sum(dX * v.to(tl.float32), 1)
+    db_last = tl.exp(b_last) * tl.sum(dS_S0, 0)
     kdec = tl.exp(b_last - b)
-    dk += dkd * kdec[:, None]
+    dk = _dot(tl.trans(dPg), q, DOT_PREC) + dkd * kdec[:, None]  # (BT, K)
     m = tl.sum(dkd * k.to(tl.float32), 1) * kdec
     db -= m
     db_last += tl.sum(m, 0)
-    # WY factors: U' = T X, W = T Y with X = diag(beta) V, Y = diag(beta e^b) K, T = (I + A)^-1
-    Tm = tl.load(TM + ((c * H + h) * BT + i[:, None]) * BT + i[None, :]).to(dt)
-    du = tl.load(DU + v_off, mask=ok[:, None], other=0.0).to(dt)
-    v = tl.load(V_ + v_off, mask=ok[:, None], other=0.0)
-    dX = _dot(tl.trans(Tm), du, DOT_PREC)  # (BT, V)
-    dv = beta[:, None] * dX
-    dbeta = tl.sum(dX * v.to(tl.float32), 1)
-    dY = _dot(tl.trans(Tm), dw.to(dt), DOT_PREC)  # (BT, K)
-    eb = tl.exp(b)
+    # W = T Y with Y = diag(beta e^b) K
+    dwd = dw.to(dt)
+    dY = _dot(tl.trans(Tm), dwd, DOT_PREC)  # (BT, K)
     dk += (beta * eb)[:, None] * dY
     y = tl.sum(dY * k.to(tl.float32), 1)
     dbeta += eb * y
     db += beta * eb * y
-    X = (v.to(tl.float32) * beta[:, None]).to(dt)
-    Y = (k.to(tl.float32) * (beta * eb)[:, None]).to(dt)
-    dT = _dot(du, tl.trans(X), DOT_PREC) + _dot(dw.to(dt), tl.trans(Y), DOT_PREC)  # (BT, BT)
+    dT += _dot(dwd, tl.trans((k.to(tl.float32) * (beta * eb)[:, None]).to(dt)), DOT_PREC)  # (BT, BT)
     # dA = -T^T dT T^T on the strictly lower part; A_ij = beta_i e^{b_i - b_j} k_i.k_j
     dA = -_dot(_dot(tl.trans(Tm), dT.to(dt), DOT_PREC).to(dt), tl.trans(Tm), DOT_PREC)
     G_ = tl.where(strict, _dot(k, tl.trans(k), DOT_PREC) * gamma, 0.0)
@@ -389,14 +420,12 @@ def _bwd_intra_kernel(Q, K_, V_, G, BETA, TM, UBUF, DO, DU, DQI, DW, DKD, DBC, D
     db += tl.sum(MA, 1) - tl.sum(MA, 0)
     dAk = (dA * gamma * beta[:, None]).to(dt)
     dk += _dot(dAk, k, DOT_PREC) + _dot(tl.trans(dAk), k, DOT_PREC)
+    _store_rows(DK, dk.to(DK.dtype.element_ty), h, t0, eos, 0, H, K, BT, K)
     # b_C is b at the last valid row; then g -> b = cumsum(g) means dg_j = sum_{i >= j} db_i
     last = tl.minimum(eos - t0, BT) - 1
     db = tl.where(i == last, db + db_last, db)
     db = tl.where(ok, db, 0.0)
     dg = tl.sum(db, 0) - tl.cumsum(db, 0) + db
-    tl.store(DQ + qk_off, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
-    tl.store(DK + qk_off, dk.to(DK.dtype.element_ty), mask=ok[:, None])
-    tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=ok[:, None])
     tl.store(DG + rows * H + h, dg, mask=ok)
     tl.store(DBETA + rows * H + h, dbeta, mask=ok)
 
@@ -409,23 +438,25 @@ def _cfg(warps, stages, **kwargs):
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
-# Hopper (H100/H200: 228 KiB shared memory per SM) at K = V = 128, BT = 64. The sequential kernels hold the state
-# slice (K, BV) fp32 in registers; BV = 32 doubles the programs (parallelism when samples x heads is small), BV = 64
-# halves the redundant (BT, BT) work per program. The parallel kernels hold a few (BT, 128) tiles: 8 warps.
+# Hopper (H100/H200: 228 KiB shared memory per SM) at K = V = 128, BT = 64; every config here compiles for sm_90
+# without register spills (tests/test_kernel_compile.py). The sequential kernels hold the state slice (K, BV) fp32
+# in registers; BV = 32 doubles the programs (parallelism when samples x heads is small), BV = 64 halves the
+# redundant (BT, BT) work per program. The parallel kernels hold a few (BT, 128) tiles.
 _TUNE = {
-    "prep": [_cfg(4, 1), _cfg(8, 1), _cfg(8, 2)],
-    "fwd": [_cfg(4, 2, BV=32), _cfg(8, 2, BV=64), _cfg(4, 2, BV=64), _cfg(8, 1, BV=32)],
-    "bwd_state": [_cfg(4, 1), _cfg(8, 1), _cfg(8, 2)],
-    "bwd_intra": [_cfg(8, 1), _cfg(8, 2), _cfg(4, 1)],
+    "prep": [_cfg(4, 1), _cfg(8, 1)],
+    "fwd": [_cfg(4, 1, BV=32), _cfg(4, 2, BV=32), _cfg(4, 1, BV=64), _cfg(8, 2, BV=64)],
+    "bwd_state": [_cfg(4, 1), _cfg(8, 1), _cfg(4, 2)],
+    "bwd_intra": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=64), _cfg(4, 1, BV=32)],
 }
 # CPU interpreter (tests): any config computes the same; BV = 32 gives two V blocks at V = 64.
-_INTERP = {"prep": _cfg(4, 1), "fwd": _cfg(4, 1, BV=32), "bwd_state": _cfg(4, 1), "bwd_intra": _cfg(4, 1)}
+_INTERP = {"prep": _cfg(4, 1), "fwd": _cfg(4, 1, BV=32), "bwd_state": _cfg(4, 1), "bwd_intra": _cfg(4, 1, BV=32)}
 _KEY = ["K", "V"]
 _prep_tuned = triton.autotune(_TUNE["prep"], key=_KEY + ["STORE_T"])(_prep_kernel)
 _fwd_tuned = triton.autotune(_TUNE["fwd"], key=_KEY + ["STORE_O", "STORE_STATES"])(_fwd_kernel)
 _bwd_state_tuned = triton.autotune(_TUNE["bwd_state"], key=_KEY + ["BV"])(_bwd_state_kernel)
 _bwd_intra_tuned = triton.autotune(_TUNE["bwd_intra"], key=_KEY)(_bwd_intra_kernel)
-# Every autotuned kernel we launch, for the sm_90 compile test: name -> (kernel, its configs).
+# Every autotuned kernel we launch, for the sm_90 compile test: name -> (kernel, its configs). The state kernel's BV
+# is not tuned but chosen on the host (_state_bv): 32 or 64; the test compiles both.
 AUTOTUNED = {"prep": _prep_tuned, "fwd": _fwd_tuned, "bwd_state": _bwd_state_tuned, "bwd_intra": _bwd_intra_tuned}
 _RAW = {"prep": _prep_kernel, "fwd": _fwd_kernel, "bwd_state": _bwd_state_kernel, "bwd_intra": _bwd_intra_kernel}
 
@@ -436,7 +467,8 @@ def _launch(kind, grid, on_gpu, *args, **constexprs):
         AUTOTUNED[kind][grid](*args, **constexprs)
     else:
         c = _INTERP[kind]
-        _RAW[kind][grid](*args, **constexprs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        kw = {name: min(val, constexprs["V"]) for name, val in c.kwargs.items()}  # BV <= V
+        _RAW[kind][grid](*args, **constexprs, **kw, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def _state_bv(N, H, V, device):
@@ -444,7 +476,7 @@ def _state_bv(N, H, V, device):
     if device.type != "cuda":
         return min(32, V)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return 32 if N * H * max(V // 64, 1) < sms else min(64, V)
+    return min(32 if N * H * max(V // 64, 1) < sms else 64, V)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -459,6 +491,17 @@ def _chunk_table(bounds, device):
         table.extend([t, b] for t in range(a, b, CHUNK))
     return (torch.tensor(table or [[0, 0]], dtype=torch.int32, device=device).view(-1, 2)[:len(table)],
             torch.tensor(first, dtype=torch.int32, device=device))
+
+
+def _wy(k, v, g, beta, chunks, on_gpu, prec, store_t):
+    """Launch _prep_kernel: W (T, H, K), U' (T, H, V) in k's dtype, and T (n_chunks, H, 64, 64) fp32 if store_t."""
+    T, H, K = k.shape
+    V = v.shape[-1]
+    w, up = torch.empty_like(k), torch.empty_like(v)
+    tm = torch.empty(len(chunks), H, CHUNK, CHUNK, device=k.device, dtype=torch.float32) if store_t else w
+    _launch("prep", (len(chunks), H), on_gpu, k, v, g, beta, w, up, tm, chunks, H, K=K, V=V, BT=CHUNK,
+            STORE_T=store_t, DOT_PREC=prec)
+    return w, up, tm
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
@@ -478,9 +521,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         final = torch.empty(N, H, K, V, **f32) if output_final_state else o
         h0c = h0.contiguous().float() if h0 is not None else o
         if len(chunks):
-            w, up = torch.empty(T, H, K, **f32), torch.empty(T, H, V, **f32)
-            _launch("prep", (len(chunks), H), on_gpu, k, v, g, beta, w, up, w, chunks, H, K=K, V=V, BT=CHUNK,
-                    STORE_T=False, DOT_PREC=prec)
+            w, up, _ = _wy(k, v, g, beta, chunks, on_gpu, prec, store_t=False)
             _launch("fwd", lambda meta: (V // meta["BV"], N, H), on_gpu, q, k, g, w, up, o, h0c, final, o, o,
                     cu_seqlens, first, scale, H, K=K, V=V, BT=CHUNK, HAS_H0=h0 is not None, STORE_O=True,
                     STORE_FINAL=output_final_state, STORE_STATES=False, DOT_PREC=prec)
@@ -506,27 +547,22 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         dh0 = dht.float().clone() if dht is not None else torch.zeros(N, H, K, V, **f32)
         if n_chunks:
             # recompute: WY factors and T, then the state at every chunk start and U (transient, this layer only)
-            w, up = torch.empty(T, H, K, **f32), torch.empty(T, H, V, **f32)
-            tm = torch.empty(n_chunks, H, CHUNK, CHUNK, **f32)
-            _launch("prep", (n_chunks, H), on_gpu, k, v, g, beta, w, up, tm, chunks, H, K=K, V=V, BT=CHUNK,
-                    STORE_T=True, DOT_PREC=prec)
-            hbuf = torch.empty(n_chunks, H, K, V, **f32)
-            ubuf = torch.empty(T, H, V, **f32)
+            w, up, tm = _wy(k, v, g, beta, chunks, on_gpu, prec, store_t=True)
+            hbuf = torch.empty(n_chunks, H, K, V, device=q.device, dtype=q.dtype)
+            ubuf = torch.empty_like(v)
             h0c = h0 if h0 is not None else w
             _launch("fwd", lambda meta: (V // meta["BV"], N, H), on_gpu, q, k, g, w, up, v, h0c, w, hbuf, ubuf,
                     cu_seqlens, first, scale, H, K=K, V=V, BT=CHUNK, HAS_H0=has_h0, STORE_O=False,
                     STORE_FINAL=False, STORE_STATES=True, DOT_PREC=prec)
+            del up
             BV = _state_bv(N, H, V, q.device)
-            NV = V // BV
-            du = torch.empty(T, H, V, **f32)
-            dqi, dw, dkd = (torch.zeros(NV, T, H, K, **f32) for _ in range(3))
-            dbc = torch.empty(n_chunks, H, NV, **f32)
+            du, dhbuf = torch.empty_like(v), torch.empty_like(hbuf)
             dht_c = dht.float().contiguous() if dht is not None else dh0
-            _launch("bwd_state", (NV, N, H), on_gpu, q, k, g, w, ubuf, hbuf, do, dht_c, dh0, du, dqi, dw, dkd, dbc,
-                    cu_seqlens, first, scale, T, H, K=K, V=V, BT=CHUNK, BV=BV, HAS_DHT=dht is not None,
-                    DOT_PREC=prec)
-            _launch("bwd_intra", (n_chunks, H), on_gpu, q, k, v, g, beta, tm, ubuf, do, du, dqi, dw, dkd, dbc, dq,
-                    dk, dv, dg, dbeta, chunks, scale, T, H, NV, K=K, V=V, BT=CHUNK, DOT_PREC=prec)
+            _launch("bwd_state", (V // BV, N, H), on_gpu, q, k, g, w, do, dht_c, dh0, du, dhbuf, cu_seqlens, first,
+                    scale, H, K=K, V=V, BT=CHUNK, BV=BV, HAS_DHT=dht is not None, DOT_PREC=prec)
+            del w
+            _launch("bwd_intra", (n_chunks, H), on_gpu, q, k, v, g, beta, tm, hbuf, dhbuf, ubuf, do, du, dq, dk, dv,
+                    dg, dbeta, chunks, scale, H, K=K, V=V, BT=CHUNK, DOT_PREC=prec)
         g_dtype, beta_dtype, h0_dtype = ctx.dtypes
         return (dq[None], dk[None], dv[None], dg[None].to(g_dtype), dbeta[None].to(beta_dtype), None,
                 dh0.to(h0_dtype) if has_h0 else None, None, None, None)
