@@ -250,11 +250,11 @@ def _prep_kernel(K_, V_, G, BETA, W, U, TM, CHUNKS, H, K: tl.constexpr, V: tl.co
 
 
 # The recurrence over the chunks of one sample for columns [vb BV, vb BV + BV) of the state (every update is
-# separable in V): U = U' - W S, O = scale (diag(e^b) Q S + tril(Q K^T * e^{b_i - b_j}) U), S <- next state.
+# separable in V): stores S at every chunk start (HBUF), overwrites U' with U = U' - W S, S <- e^{b_C} S +
+# (diag(e^{b_C - b}) K)^T U. Only the (K, BV) state and one chunk's tiles are live: the outputs come in parallel.
 @triton.jit
-def _fwd_kernel(Q, K_, G, W, UP, O, H0, HT, HBUF, UBUF, CU, FIRST, scale, H, K: tl.constexpr, V: tl.constexpr,
-                BT: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr,
-                STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_kernel(K_, G, W, U, H0, HT, HBUF, CU, FIRST, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr):
     vb, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(CU + n), tl.load(CU + n + 1)
     chunk = tl.load(FIRST + n)  # global index of this sample's first chunk (rows of HBUF)
@@ -264,29 +264,19 @@ def _fwd_kernel(Q, K_, G, W, UP, O, H0, HT, HBUF, UBUF, CU, FIRST, scale, H, K: 
         S = tl.load(_state_ptrs(H0, n * H + h, col, K, V, BV)).to(tl.float32)  # (K, BV)
     else:
         S = tl.zeros((K, BV), dtype=tl.float32)
-    causal = i[:, None] >= i[None, :]
-    dt = Q.dtype.element_ty
+    dt = K_.dtype.element_ty
     for t0 in range(bos, eos, BT):
         rows = t0 + i
-        ok = rows < eos
-        g = tl.load(G + rows * H + h, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(G + rows * H + h, mask=rows < eos, other=0.0).to(tl.float32)
         b = tl.cumsum(g, 0)
         b_last = tl.sum(g, 0)  # = b at the last valid row (padding rows have g = 0)
         Sd = S.to(dt)
-        if STORE_STATES:
-            tl.store(_state_ptrs(HBUF, chunk * H + h, col, K, V, BV), Sd)
+        tl.store(_state_ptrs(HBUF, chunk * H + h, col, K, V, BV), Sd)
         w = _load_rows(W, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
-        u = _load_rows(UP, h, t0, eos, col, H, V, BT, BV)
-        u = (u.to(tl.float32) - _dot(w, Sd, DOT_PREC)).to(dt)  # U = U' - W S  (BT, BV)
-        if STORE_STATES:
-            _store_rows(UBUF, u, h, t0, eos, col, H, V, BT, BV)
+        u = _load_rows(U, h, t0, eos, col, H, V, BT, BV)  # U' (BT, BV)
+        u = (u.to(tl.float32) - _dot(w, Sd, DOT_PREC)).to(dt)  # U = U' - W S
+        _store_rows(U, u, h, t0, eos, col, H, V, BT, BV)
         k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
-        if STORE_O:
-            q = _load_rows(Q, h, t0, eos, 0, H, K, BT, K)
-            P = _dot(q, tl.trans(k), DOT_PREC) * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
-            qd = (q.to(tl.float32) * tl.exp(b)[:, None]).to(dt)
-            o = scale * (_dot(qd, Sd, DOT_PREC) + _dot(P.to(dt), u, DOT_PREC))  # (BT, BV)
-            _store_rows(O, o.to(O.dtype.element_ty), h, t0, eos, col, H, V, BT, BV)
         kd = (k.to(tl.float32) * tl.exp(b_last - b)[:, None]).to(dt)  # diag(e^{b_C - b}) K
         S = tl.exp(b_last) * S + _dot(tl.trans(kd), u, DOT_PREC)
         chunk += 1
@@ -294,9 +284,55 @@ def _fwd_kernel(Q, K_, G, W, UP, O, H0, HT, HBUF, UBUF, CU, FIRST, scale, H, K: 
         tl.store(_state_ptrs(HT, n * H + h, col, K, V, BV), S)
 
 
+@triton.jit
+def _chunk_p(q, k, b, BT: tl.constexpr, DOT_PREC: tl.constexpr):
+    # P = tril(Q K^T * e^{b_i - b_j}) of one chunk, fp32 (BT, BT); exp only where i >= j (elsewhere it may overflow)
+    i = tl.arange(0, BT)
+    causal = i[:, None] >= i[None, :]
+    return _dot(q, tl.trans(k), DOT_PREC) * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+
+
+# The outputs of one chunk from its start state S0 and U: O = scale (diag(e^b) Q S0 + P U), V block by V block.
+@triton.jit
+def _out_kernel(Q, K_, G, U, HBUF, O, CHUNKS, scale, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    c, h = tl.program_id(0), tl.program_id(1)
+    t0, eos = tl.load(CHUNKS + 2 * c), tl.load(CHUNKS + 2 * c + 1)
+    rows = t0 + tl.arange(0, BT)
+    dt = Q.dtype.element_ty
+    g = tl.load(G + rows * H + h, mask=rows < eos, other=0.0).to(tl.float32)
+    b = tl.cumsum(g, 0)
+    q = _load_rows(Q, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
+    k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)
+    P = _chunk_p(q, k, b, BT, DOT_PREC).to(dt)
+    qd = (q.to(tl.float32) * tl.exp(b)[:, None]).to(dt)
+    for col in range(0, V, BV):
+        s0 = tl.load(_state_ptrs(HBUF, c * H + h, col, K, V, BV))  # (K, BV)
+        u = _load_rows(U, h, t0, eos, col, H, V, BT, BV)
+        o = scale * (_dot(qd, s0, DOT_PREC) + _dot(P, u, DOT_PREC))  # (BT, BV)
+        _store_rows(O, o, h, t0, eos, col, H, V, BT, BV)
+
+
+# The intra-chunk part of dU, scale P^T dO (BT, V), for the state kernel to complete.
+@triton.jit
+def _bwd_du_kernel(Q, K_, G, DO, DU, CHUNKS, scale, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    c, h = tl.program_id(0), tl.program_id(1)
+    t0, eos = tl.load(CHUNKS + 2 * c), tl.load(CHUNKS + 2 * c + 1)
+    rows = t0 + tl.arange(0, BT)
+    g = tl.load(G + rows * H + h, mask=rows < eos, other=0.0).to(tl.float32)
+    b = tl.cumsum(g, 0)
+    q = _load_rows(Q, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
+    k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)
+    Pt = tl.trans(_chunk_p(q, k, b, BT, DOT_PREC).to(Q.dtype.element_ty))  # (BT, BT)
+    for col in range(0, V, BV):
+        do = _load_rows(DO, h, t0, eos, col, H, V, BT, BV)
+        _store_rows(DU, scale * _dot(Pt, do, DOT_PREC), h, t0, eos, col, H, V, BT, BV)
+
+
 # The reverse recurrence for columns [vb BV, vb BV + BV): from dS1 (the state gradient at a chunk's end),
-# dU = scale P^T dO + diag(e^{b_C - b}) K dS1 and dS0 = e^{b_C} dS1 + scale (diag(e^b) Q)^T dO - W^T dU.
-# Stores dU and every dS1 (for _bwd_intra_kernel) and the gradient of the initial state.
+# dU = scale P^T dO (already in DU) + diag(e^{b_C - b}) K dS1 and dS0 = e^{b_C} dS1 + scale (diag(e^b) Q)^T dO
+# - W^T dU. Completes dU in place, stores every dS1 (DHBUF) and the gradient of the initial state.
 @triton.jit
 def _bwd_state_kernel(Q, K_, G, W, DO, DHT, DH0, DU, DHBUF, CU, FIRST, scale, H, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -309,128 +345,141 @@ def _bwd_state_kernel(Q, K_, G, W, DO, DHT, DH0, DU, DHBUF, CU, FIRST, scale, H,
         dS = tl.load(_state_ptrs(DHT, n * H + h, col, K, V, BV)).to(tl.float32)  # (K, BV)
     else:
         dS = tl.zeros((K, BV), dtype=tl.float32)
-    causal = i[:, None] >= i[None, :]
     dt = Q.dtype.element_ty
     n_chunks = tl.cdiv(eos - bos, BT)
     for back in range(0, n_chunks):
         ci = n_chunks - 1 - back
         t0 = bos + ci * BT
         rows = t0 + i
-        ok = rows < eos
-        g = tl.load(G + rows * H + h, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(G + rows * H + h, mask=rows < eos, other=0.0).to(tl.float32)
         b = tl.cumsum(g, 0)
         b_last = tl.sum(g, 0)
         dSd = dS.to(dt)
         tl.store(_state_ptrs(DHBUF, (first + ci) * H + h, col, K, V, BV), dSd)
-        q = _load_rows(Q, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
-        k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)
-        do = _load_rows(DO, h, t0, eos, col, H, V, BT, BV)
-        P = _dot(q, tl.trans(k), DOT_PREC) * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
         kd = (k.to(tl.float32) * tl.exp(b_last - b)[:, None]).to(dt)
-        du = (scale * _dot(tl.trans(P.to(dt)), do, DOT_PREC) + _dot(kd, dSd, DOT_PREC)).to(dt)  # (BT, BV)
+        du = _load_rows(DU, h, t0, eos, col, H, V, BT, BV)
+        du = (du.to(tl.float32) + _dot(kd, dSd, DOT_PREC)).to(dt)  # (BT, BV)
         _store_rows(DU, du, h, t0, eos, col, H, V, BT, BV)
-        qd = (q.to(tl.float32) * tl.exp(b)[:, None]).to(dt)
+        q = _load_rows(Q, h, t0, eos, 0, H, K, BT, K)
+        qd = (q.to(tl.float32) * (scale * tl.exp(b))[:, None]).to(dt)
+        do = _load_rows(DO, h, t0, eos, col, H, V, BT, BV)
         w = _load_rows(W, h, t0, eos, 0, H, K, BT, K)
-        dS = tl.exp(b_last) * dS + scale * _dot(tl.trans(qd), do, DOT_PREC) - _dot(tl.trans(w), du, DOT_PREC)
+        dS = tl.exp(b_last) * dS + _dot(tl.trans(qd), do, DOT_PREC) - _dot(tl.trans(w), du, DOT_PREC)
     tl.store(_state_ptrs(DH0, n * H + h, col, K, V, BV), dS)
 
 
-# Everything inside one chunk, given S0 (state at its start), dS1 (state gradient at its end), U, dU and T:
-# first pass over V blocks -> dq (from O = scale (diag(e^b) Q S0 + tril(Q K^T * gamma) U)); second pass -> dv and
-# the parts of dk, dbeta that run through W, U', S1; then dk, dbeta, dg through T = (I + A)^-1.
+# Backward inside one chunk, part 1: the paths through O and S1. With dP = scale dO U^T (causal), from
+# O = scale (diag(e^b) Q S0 + P U): dq = scale diag(e^b) dO S0^T + (dP * gamma) K (stored), dk_1 = (dP * gamma)^T Q;
+# from S1 = e^{b_C} S0 + (diag(e^{b_C - b}) K)^T U: dk_1 += diag(e^{b_C - b}) U dS1^T. dk_1 goes to DK and the
+# gradient of b (log-decay cumsum) of these paths to DG, for _bwd_wy_kernel to complete.
 @triton.jit
-def _bwd_intra_kernel(Q, K_, V_, G, BETA, TM, HBUF, DHBUF, UBUF, DO, DU, DQ, DK, DV, DG, DBETA, CHUNKS, scale, H,
-                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_dqk_kernel(Q, K_, G, HBUF, DHBUF, U, DO, DQ, DK, DG, CHUNKS, scale, H, K: tl.constexpr, V: tl.constexpr,
+                    BT: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
     c, h = tl.program_id(0), tl.program_id(1)
     t0, eos = tl.load(CHUNKS + 2 * c), tl.load(CHUNKS + 2 * c + 1)
     i = tl.arange(0, BT)
     rows = t0 + i
     ok = rows < eos
     dt = Q.dtype.element_ty
-    q = _load_rows(Q, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
-    k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)
     g = tl.load(G + rows * H + h, mask=ok, other=0.0).to(tl.float32)
-    beta = tl.load(BETA + rows * H + h, mask=ok, other=0.0).to(tl.float32)
     b = tl.cumsum(g, 0)
     b_last = tl.sum(g, 0)
     causal = i[:, None] >= i[None, :]
-    strict = i[:, None] > i[None, :]
     gamma = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))  # e^{b_i - b_j}, i >= j
-    eb = tl.exp(b)
     s_idx = c * H + h  # this chunk's (K, V) state in HBUF / DHBUF
-
-    # pass 1: dP = scale dO U^T (causal) and dq_inter = scale diag(e^b) dO S0^T, summed over V blocks
+    # pass 1 over V blocks: dP and dO S0^T
     dP = tl.zeros((BT, BT), dtype=tl.float32)
     dqs = tl.zeros((BT, K), dtype=tl.float32)
     for col in range(0, V, BV):
         do = _load_rows(DO, h, t0, eos, col, H, V, BT, BV)
-        u = _load_rows(UBUF, h, t0, eos, col, H, V, BT, BV)
+        u = _load_rows(U, h, t0, eos, col, H, V, BT, BV)
         s0 = tl.load(_state_ptrs(HBUF, s_idx, col, K, V, BV))  # (K, BV)
         dP += _dot(do, tl.trans(u), DOT_PREC)
         dqs += _dot(do, tl.trans(s0), DOT_PREC)
+    q = _load_rows(Q, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
+    k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)
     dP = tl.where(causal, scale * dP, 0.0)
-    dqi = (scale * eb)[:, None] * dqs  # (BT, K)
+    dqi = (scale * tl.exp(b))[:, None] * dqs  # (BT, K)
     dPg = (dP * gamma).to(dt)
-    _store_rows(DQ, (dqi + _dot(dPg, k, DOT_PREC)).to(DQ.dtype.element_ty), h, t0, eos, 0, H, K, BT, K)
+    _store_rows(DQ, dqi + _dot(dPg, k, DOT_PREC), h, t0, eos, 0, H, K, BT, K)
     M = dP * _dot(q, tl.trans(k), DOT_PREC) * gamma  # d/d(b_i - b_j) of P_ij
     db = tl.sum(dqi * q.to(tl.float32), 1) + tl.sum(M, 1) - tl.sum(M, 0)
-
-    # pass 2 over V blocks: U = U' - W S0 -> dW = -dU S0^T; S1 = e^{b_C} S0 + (diag(e^{b_C - b}) K)^T U -> dkd
-    # = dU_S1 = U dS1^T and the e^{b_C} term; U' = T X with X = diag(beta) V -> dX = T^T dU (dv, dbeta), dT = dU X^T
-    Tm = tl.load(TM + s_idx.to(tl.int64) * BT * BT + i[:, None] * BT + i[None, :])
-    Tm = Tm.to(dt)
-    dw = tl.zeros((BT, K), dtype=tl.float32)
+    # pass 2 over V blocks: dkd = U dS1^T and the e^{b_C} S0 term of S1
     dkd = tl.zeros((BT, K), dtype=tl.float32)
-    dT = tl.zeros((BT, BT), dtype=tl.float32)
-    dbeta = tl.zeros((BT,), dtype=tl.float32)
     dS_S0 = tl.zeros((BV,), dtype=tl.float32)
     for col in range(0, V, BV):
-        du = _load_rows(DU, h, t0, eos, col, H, V, BT, BV)
-        u = _load_rows(UBUF, h, t0, eos, col, H, V, BT, BV)
-        v = _load_rows(V_, h, t0, eos, col, H, V, BT, BV)
+        u = _load_rows(U, h, t0, eos, col, H, V, BT, BV)
         s0 = tl.load(_state_ptrs(HBUF, s_idx, col, K, V, BV))  # (K, BV)
         ds1 = tl.load(_state_ptrs(DHBUF, s_idx, col, K, V, BV))
-        dw -= _dot(du, tl.trans(s0), DOT_PREC)
         dkd += _dot(u, tl.trans(ds1), DOT_PREC)
         dS_S0 += tl.sum(s0.to(tl.float32) * ds1.to(tl.float32), 0)
+    kdec = tl.exp(b_last - b)
+    _store_rows(DK, _dot(tl.trans(dPg), q, DOT_PREC) + dkd * kdec[:, None], h, t0, eos, 0, H, K, BT, K)
+    m = tl.sum(dkd * k.to(tl.float32), 1) * kdec
+    # b_C is b at the last valid row
+    last = tl.minimum(eos - t0, BT) - 1
+    db = tl.where(i == last, db - m + tl.exp(b_last) * tl.sum(dS_S0, 0) + tl.sum(m, 0), db - m)
+    tl.store(DG + rows * H + h, db, mask=ok)
+
+
+# Backward inside one chunk, part 2: the WY path. U' = T X, W = T Y with X = diag(beta) V, Y = diag(beta e^b) K,
+# T = (I + A)^-1, and from U = U' - W S0: dW = -dU S0^T. Gives dv, dbeta, the rest of dk (added to DK) and of the
+# gradient of b (added to DG), then dg_j = sum_{i >= j} db_i.
+@triton.jit
+def _bwd_wy_kernel(K_, V_, G, BETA, TM, HBUF, DU, DK, DV, DG, DBETA, CHUNKS, H, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    c, h = tl.program_id(0), tl.program_id(1)
+    t0, eos = tl.load(CHUNKS + 2 * c), tl.load(CHUNKS + 2 * c + 1)
+    i = tl.arange(0, BT)
+    rows = t0 + i
+    ok = rows < eos
+    dt = K_.dtype.element_ty
+    g = tl.load(G + rows * H + h, mask=ok, other=0.0).to(tl.float32)
+    beta = tl.load(BETA + rows * H + h, mask=ok, other=0.0).to(tl.float32)
+    b = tl.cumsum(g, 0)
+    eb = tl.exp(b)
+    s_idx = c * H + h
+    Tm = tl.load(TM + s_idx.to(tl.int64) * BT * BT + i[:, None] * BT + i[None, :]).to(dt)  # (BT, BT)
+    # over V blocks: dW = -dU S0^T, dX = T^T dU (dv, dbeta), dT = dU X^T
+    dw = tl.zeros((BT, K), dtype=tl.float32)
+    dT = tl.zeros((BT, BT), dtype=tl.float32)
+    dbeta = tl.zeros((BT,), dtype=tl.float32)
+    for col in range(0, V, BV):
+        du = _load_rows(DU, h, t0, eos, col, H, V, BT, BV)  # (BT, BV)
+        v = _load_rows(V_, h, t0, eos, col, H, V, BT, BV)
+        s0 = tl.load(_state_ptrs(HBUF, s_idx, col, K, V, BV))  # (K, BV)
+        dw -= _dot(du, tl.trans(s0), DOT_PREC)
         dT += _dot(du, tl.trans((v.to(tl.float32) * beta[:, None]).to(dt)), DOT_PREC)
         dX = _dot(tl.trans(Tm), du, DOT_PREC)  # (BT, BV)
-        _store_rows(DV, (beta[:, None] * dX).to(DV.dtype.element_ty), h, t0, eos, col, H, V, BT, BV)
+        _store_rows(DV, beta[:, None] * dX, h, t0, eos, col, H, V, BT, BV)
         dbeta += tl.sum(dX * v.to(tl.float32), 1)
-    db_last = tl.exp(b_last) * tl.sum(dS_S0, 0)
-    kdec = tl.exp(b_last - b)
-    dk = _dot(tl.trans(dPg), q, DOT_PREC) + dkd * kdec[:, None]  # (BT, K)
-    m = tl.sum(dkd * k.to(tl.float32), 1) * kdec
-    db -= m
-    db_last += tl.sum(m, 0)
-    # W = T Y with Y = diag(beta e^b) K
+    k = _load_rows(K_, h, t0, eos, 0, H, K, BT, K)  # (BT, K)
     dwd = dw.to(dt)
     dY = _dot(tl.trans(Tm), dwd, DOT_PREC)  # (BT, K)
-    dk += (beta * eb)[:, None] * dY
     y = tl.sum(dY * k.to(tl.float32), 1)
     dbeta += eb * y
-    db += beta * eb * y
+    db = beta * eb * y
     dT += _dot(dwd, tl.trans((k.to(tl.float32) * (beta * eb)[:, None]).to(dt)), DOT_PREC)  # (BT, BT)
     # dA = -T^T dT T^T on the strictly lower part; A_ij = beta_i e^{b_i - b_j} k_i.k_j
+    strict = i[:, None] > i[None, :]
     dA = -_dot(_dot(tl.trans(Tm), dT.to(dt), DOT_PREC).to(dt), tl.trans(Tm), DOT_PREC)
-    G_ = tl.where(strict, _dot(k, tl.trans(k), DOT_PREC) * gamma, 0.0)
+    gamma = tl.exp(tl.where(strict, b[:, None] - b[None, :], float("-inf")))
     dA = tl.where(strict, dA, 0.0)
+    G_ = _dot(k, tl.trans(k), DOT_PREC) * gamma
     dbeta += tl.sum(dA * G_, 1)
     MA = dA * G_ * beta[:, None]
     db += tl.sum(MA, 1) - tl.sum(MA, 0)
     dAk = (dA * gamma * beta[:, None]).to(dt)
-    dk += _dot(dAk, k, DOT_PREC) + _dot(tl.trans(dAk), k, DOT_PREC)
-    _store_rows(DK, dk.to(DK.dtype.element_ty), h, t0, eos, 0, H, K, BT, K)
-    # b_C is b at the last valid row; then g -> b = cumsum(g) means dg_j = sum_{i >= j} db_i
-    last = tl.minimum(eos - t0, BT) - 1
-    db = tl.where(i == last, db + db_last, db)
-    db = tl.where(ok, db, 0.0)
-    dg = tl.sum(db, 0) - tl.cumsum(db, 0) + db
+    dk = (beta * eb)[:, None] * dY + _dot(dAk, k, DOT_PREC) + _dot(tl.trans(dAk), k, DOT_PREC)
+    dk += _load_rows(DK, h, t0, eos, 0, H, K, BT, K).to(tl.float32)  # _bwd_dqk_kernel's part
+    _store_rows(DK, dk, h, t0, eos, 0, H, K, BT, K)
+    db = tl.where(ok, db + tl.load(DG + rows * H + h, mask=ok, other=0.0), 0.0)
+    dg = tl.sum(db, 0) - tl.cumsum(db, 0) + db  # b = cumsum(g)
     tl.store(DG + rows * H + h, dg, mask=ok)
     tl.store(DBETA + rows * H + h, dbeta, mask=ok)
 
 
-# --------------------------------------------------------------------------------------------------------------------
 # Launch configurations
 
 
@@ -439,26 +488,32 @@ def _cfg(warps, stages, **kwargs):
 
 
 # Hopper (H100/H200: 228 KiB shared memory per SM) at K = V = 128, BT = 64; every config here compiles for sm_90
-# without register spills (tests/test_kernel_compile.py). The sequential kernels hold the state slice (K, BV) fp32
-# in registers; BV = 32 doubles the programs (parallelism when samples x heads is small), BV = 64 halves the
-# redundant (BT, BT) work per program. The parallel kernels hold a few (BT, 128) tiles.
+# without register spills (tests/test_kernel_compile.py). On sm_90 a dot with 64 rows runs on one warpgroup, so a
+# (64, N) fp32 accumulator costs N / 2 registers a thread whatever num_warps is: the kernels keep few of them live.
+# The sequential kernels hold the state slice (K, BV) fp32; BV = 32 doubles the programs (parallelism when
+# samples x heads is small), BV = 64 halves the loads of the (BT, K) tiles per program.
 _TUNE = {
     "prep": [_cfg(4, 1), _cfg(8, 1)],
     "fwd": [_cfg(4, 1, BV=32), _cfg(4, 2, BV=32), _cfg(4, 1, BV=64), _cfg(8, 2, BV=64)],
+    "out": [_cfg(4, 1, BV=64), _cfg(4, 2, BV=64), _cfg(8, 1, BV=128)],
+    "bwd_du": [_cfg(4, 1, BV=64), _cfg(4, 2, BV=64), _cfg(8, 1, BV=128)],
     "bwd_state": [_cfg(4, 1), _cfg(8, 1), _cfg(4, 2)],
-    "bwd_intra": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=64), _cfg(4, 1, BV=32)],
+    "bwd_dqk": [_cfg(4, 1, BV=32), _cfg(8, 1, BV=64)],
+    "bwd_wy": [_cfg(4, 1, BV=32), _cfg(8, 1, BV=64)],
 }
 # CPU interpreter (tests): any config computes the same; BV = 32 gives two V blocks at V = 64.
-_INTERP = {"prep": _cfg(4, 1), "fwd": _cfg(4, 1, BV=32), "bwd_state": _cfg(4, 1), "bwd_intra": _cfg(4, 1, BV=32)}
-_KEY = ["K", "V"]
-_prep_tuned = triton.autotune(_TUNE["prep"], key=_KEY + ["STORE_T"])(_prep_kernel)
-_fwd_tuned = triton.autotune(_TUNE["fwd"], key=_KEY + ["STORE_O", "STORE_STATES"])(_fwd_kernel)
-_bwd_state_tuned = triton.autotune(_TUNE["bwd_state"], key=_KEY + ["BV"])(_bwd_state_kernel)
-_bwd_intra_tuned = triton.autotune(_TUNE["bwd_intra"], key=_KEY)(_bwd_intra_kernel)
-# Every autotuned kernel we launch, for the sm_90 compile test: name -> (kernel, its configs). The state kernel's BV
-# is not tuned but chosen on the host (_state_bv): 32 or 64; the test compiles both.
-AUTOTUNED = {"prep": _prep_tuned, "fwd": _fwd_tuned, "bwd_state": _bwd_state_tuned, "bwd_intra": _bwd_intra_tuned}
-_RAW = {"prep": _prep_kernel, "fwd": _fwd_kernel, "bwd_state": _bwd_state_kernel, "bwd_intra": _bwd_intra_kernel}
+_INTERP = {name: _cfg(4, 1, BV=32) for name in _TUNE}
+_KERNELS = {"prep": _prep_kernel, "fwd": _fwd_kernel, "out": _out_kernel, "bwd_du": _bwd_du_kernel,
+            "bwd_state": _bwd_state_kernel, "bwd_dqk": _bwd_dqk_kernel, "bwd_wy": _bwd_wy_kernel}
+# The state kernel's BV is not tuned but chosen on the host (_state_bv): 32 or 64; the compile test tries both.
+_KEYS = {"prep": ["STORE_T"], "fwd": ["HAS_H0", "STORE_FINAL"], "bwd_state": ["BV"]}
+# Kernels that update a buffer in place: the autotuner restores it after each timed trial.
+_IN_PLACE = {"fwd": ["U"], "bwd_state": ["DU"], "bwd_wy": ["DK", "DG"]}
+# Every autotuned kernel we launch, for the sm_90 compile test: name -> autotuner (.configs); _RAW: name -> kernel.
+AUTOTUNED = {name: triton.autotune(_TUNE[name], key=["K", "V"] + _KEYS.get(name, []),
+                                   restore_value=_IN_PLACE.get(name, []))(fn)
+             for name, fn in _KERNELS.items()}
+_RAW = _KERNELS
 
 
 def _launch(kind, grid, on_gpu, *args, **constexprs):
@@ -467,7 +522,8 @@ def _launch(kind, grid, on_gpu, *args, **constexprs):
         AUTOTUNED[kind][grid](*args, **constexprs)
     else:
         c = _INTERP[kind]
-        kw = {name: min(val, constexprs["V"]) for name, val in c.kwargs.items()}  # BV <= V
+        kw = {name: min(val, constexprs["V"]) for name, val in c.kwargs.items()  # BV <= V
+              if name in _RAW[kind].arg_names and name not in constexprs}
         _RAW[kind][grid](*args, **constexprs, **kw, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
@@ -493,15 +549,20 @@ def _chunk_table(bounds, device):
             torch.tensor(first, dtype=torch.int32, device=device))
 
 
-def _wy(k, v, g, beta, chunks, on_gpu, prec, store_t):
-    """Launch _prep_kernel: W (T, H, K), U' (T, H, V) in k's dtype, and T (n_chunks, H, 64, 64) fp32 if store_t."""
+def _states(k, v, g, beta, h0, cu_seqlens, chunks, first, N, on_gpu, prec, final=None, store_t=False):
+    """prep + fwd: W (T, H, K), U (T, H, V), the state at every chunk start (n_chunks, H, K, V) in k's dtype, and
+    T (n_chunks, H, 64, 64) fp32 if store_t; the final states into `final` (N, H, K, V) fp32 if given."""
     T, H, K = k.shape
     V = v.shape[-1]
-    w, up = torch.empty_like(k), torch.empty_like(v)
+    w, u = torch.empty_like(k), torch.empty_like(v)
     tm = torch.empty(len(chunks), H, CHUNK, CHUNK, device=k.device, dtype=torch.float32) if store_t else w
-    _launch("prep", (len(chunks), H), on_gpu, k, v, g, beta, w, up, tm, chunks, H, K=K, V=V, BT=CHUNK,
+    _launch("prep", (len(chunks), H), on_gpu, k, v, g, beta, w, u, tm, chunks, H, K=K, V=V, BT=CHUNK,
             STORE_T=store_t, DOT_PREC=prec)
-    return w, up, tm
+    hbuf = torch.empty(len(chunks), H, K, V, device=k.device, dtype=k.dtype)
+    _launch("fwd", lambda meta: (V // meta["BV"], N, H), on_gpu, k, g, w, u, h0 if h0 is not None else w,
+            final if final is not None else w, hbuf, cu_seqlens, first, H, K=K, V=V, BT=CHUNK,
+            HAS_H0=h0 is not None, STORE_FINAL=final is not None, DOT_PREC=prec)
+    return w, u, hbuf, tm
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
@@ -516,25 +577,23 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         chunks, first = _chunk_table(bounds, q.device)
         on_gpu = q.is_cuda and q.dtype != torch.float32
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        f32 = dict(device=q.device, dtype=torch.float32)
         o = torch.zeros_like(v)  # rows outside every sample stay 0
-        final = torch.empty(N, H, K, V, **f32) if output_final_state else o
-        h0c = h0.contiguous().float() if h0 is not None else o
+        h0c = h0.contiguous().float() if h0 is not None else None
+        final = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
         if len(chunks):
-            w, up, _ = _wy(k, v, g, beta, chunks, on_gpu, prec, store_t=False)
-            _launch("fwd", lambda meta: (V // meta["BV"], N, H), on_gpu, q, k, g, w, up, o, h0c, final, o, o,
-                    cu_seqlens, first, scale, H, K=K, V=V, BT=CHUNK, HAS_H0=h0 is not None, STORE_O=True,
-                    STORE_FINAL=output_final_state, STORE_STATES=False, DOT_PREC=prec)
+            _, u, hbuf, _ = _states(k, v, g, beta, h0c, cu_seqlens, chunks, first, N, on_gpu, prec, final)
+            _launch("out", (len(chunks), H), on_gpu, q, k, g, u, hbuf, o, chunks, scale, H, K=K, V=V, BT=CHUNK,
+                    DOT_PREC=prec)
         elif output_final_state:
-            final = h0c.clone() if h0 is not None else torch.zeros(N, H, K, V, **f32)
-        ctx.save_for_backward(q, k, v, g, beta, h0c if h0 is not None else None, cu_seqlens, chunks, first)
-        ctx.args = (scale, h0 is not None, N)
-        return o[None], (final if output_final_state else None)
+            final = h0c.clone() if h0 is not None else torch.zeros(N, H, K, V, device=q.device)
+        ctx.save_for_backward(q, k, v, g, beta, h0c, cu_seqlens, chunks, first)
+        ctx.args = (scale, N)
+        return o[None], final
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, beta, h0, cu_seqlens, chunks, first = ctx.saved_tensors
-        scale, has_h0, N = ctx.args
+        scale, N = ctx.args
         T, H, K = q.shape
         V = v.shape[-1]
         on_gpu = q.is_cuda and q.dtype != torch.float32
@@ -546,26 +605,24 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         dg, dbeta = torch.zeros(T, H, **f32), torch.zeros(T, H, **f32)
         dh0 = dht.float().clone() if dht is not None else torch.zeros(N, H, K, V, **f32)
         if n_chunks:
-            # recompute: WY factors and T, then the state at every chunk start and U (transient, this layer only)
-            w, up, tm = _wy(k, v, g, beta, chunks, on_gpu, prec, store_t=True)
-            hbuf = torch.empty(n_chunks, H, K, V, device=q.device, dtype=q.dtype)
-            ubuf = torch.empty_like(v)
-            h0c = h0 if h0 is not None else w
-            _launch("fwd", lambda meta: (V // meta["BV"], N, H), on_gpu, q, k, g, w, up, v, h0c, w, hbuf, ubuf,
-                    cu_seqlens, first, scale, H, K=K, V=V, BT=CHUNK, HAS_H0=has_h0, STORE_O=False,
-                    STORE_FINAL=False, STORE_STATES=True, DOT_PREC=prec)
-            del up
-            BV = _state_bv(N, H, V, q.device)
+            # recompute W, U, T and the state at every chunk start (transient, this layer only)
+            w, u, hbuf, tm = _states(k, v, g, beta, h0, cu_seqlens, chunks, first, N, on_gpu, prec, store_t=True)
             du, dhbuf = torch.empty_like(v), torch.empty_like(hbuf)
+            grid = (n_chunks, H)
+            _launch("bwd_du", grid, on_gpu, q, k, g, do, du, chunks, scale, H, K=K, V=V, BT=CHUNK, DOT_PREC=prec)
+            BV = _state_bv(N, H, V, q.device)
             dht_c = dht.float().contiguous() if dht is not None else dh0
             _launch("bwd_state", (V // BV, N, H), on_gpu, q, k, g, w, do, dht_c, dh0, du, dhbuf, cu_seqlens, first,
                     scale, H, K=K, V=V, BT=CHUNK, BV=BV, HAS_DHT=dht is not None, DOT_PREC=prec)
             del w
-            _launch("bwd_intra", (n_chunks, H), on_gpu, q, k, v, g, beta, tm, hbuf, dhbuf, ubuf, do, du, dq, dk, dv,
-                    dg, dbeta, chunks, scale, H, K=K, V=V, BT=CHUNK, DOT_PREC=prec)
+            _launch("bwd_dqk", grid, on_gpu, q, k, g, hbuf, dhbuf, u, do, dq, dk, dg, chunks, scale, H, K=K, V=V,
+                    BT=CHUNK, DOT_PREC=prec)
+            del dhbuf, u
+            _launch("bwd_wy", grid, on_gpu, k, v, g, beta, tm, hbuf, du, dk, dv, dg, dbeta, chunks, H, K=K, V=V,
+                    BT=CHUNK, DOT_PREC=prec)
         g_dtype, beta_dtype, h0_dtype = ctx.dtypes
         return (dq[None], dk[None], dv[None], dg[None].to(g_dtype), dbeta[None].to(beta_dtype), None,
-                dh0.to(h0_dtype) if has_h0 else None, None, None, None)
+                dh0.to(h0_dtype) if h0 is not None else None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
