@@ -497,9 +497,9 @@ _TUNE = {
     "fwd": [_cfg(4, 1, BV=32), _cfg(4, 2, BV=32), _cfg(4, 1, BV=64), _cfg(8, 2, BV=64)],
     "out": [_cfg(4, 1, BV=64), _cfg(4, 2, BV=64), _cfg(8, 1, BV=128)],
     "bwd_du": [_cfg(4, 1, BV=64), _cfg(4, 2, BV=64), _cfg(8, 1, BV=128)],
-    "bwd_state": [_cfg(4, 1), _cfg(8, 1), _cfg(4, 2)],
-    "bwd_dqk": [_cfg(4, 1, BV=32), _cfg(8, 1, BV=64)],
-    "bwd_wy": [_cfg(4, 1, BV=32), _cfg(8, 1, BV=64)],
+    "bwd_state": [_cfg(8, 1), _cfg(8, 2)],
+    "bwd_dqk": [_cfg(8, 1, BV=32), _cfg(8, 2, BV=32), _cfg(8, 1, BV=64), _cfg(8, 2, BV=64)],
+    "bwd_wy": [_cfg(8, 1, BV=32), _cfg(8, 2, BV=32), _cfg(8, 1, BV=64)],
 }
 # CPU interpreter (tests): any config computes the same; BV = 32 gives two V blocks at V = 64.
 _INTERP = {name: _cfg(4, 1, BV=32) for name in _TUNE}
