@@ -16,15 +16,20 @@ Supported
   once per call: the Triton path builds its chunk table from it).
 - initial_state (N, H, K, V) and output_final_state, differentiable in both (dq, dk, dv, dg, dbeta, d initial_state).
 - Triton: q/k/v fp16 or bf16 on CUDA (fp32 too: exact dots, slow, for tests), g/beta any float dtype; K and V in
-  {16, 32, 64, 128}; state and all intermediate factors in fp32. Deterministic backward (no atomics: per-V-block
-  partial sums are added in a fixed order). Activations saved for backward: the inputs only.
+  {16, 32, 64, 128}. The recurrent state and every accumulation in fp32; W, U, dU and the per-chunk states that the
+  parallel kernels read are stored in the inputs' dtype (they only enter dots, whose operands are that dtype), and
+  dk's first part passes through dk's own buffer (one extra rounding in bf16). Deterministic backward (no atomics:
+  sums over V blocks run in a fixed order inside one program). Activations saved for backward: the inputs only;
+  transient in one backward at Qwen3.5-27B shapes (H = 48, K = V = 128) and a 16k-token pack: about 1.6 GB.
+- sm_90 (H100/H200): every shipped autotune config of every kernel compiles at K = V = 128 in bf16 without register
+  spills and within the shared memory of an SM (tests/test_kernel_compile.py).
 - torch path: any dtype and head dims; float64 in gives float64 math (the tests' exact mode).
 
 Not supported: q/k L2-norm inside (the caller normalises), grouped q/k heads (repeat them to the value heads first),
 batch > 1 (pack instead), head dims above 128 in Triton, the recurrent single-token decode kernel (generation runs
-the torch path or the reference), sequence-parallel state passing between ranks.
-Known gap: at K = V = 128 every autotune config compiles for sm_90 but ptxas reports register spills (STACK > 0);
-the per-element pointer tensors of the (64, 128) tiles are the likely cause (block pointers would remove them).
+the torch path or the reference), sequence-parallel state passing between ranks, T * H * max(K, V) >= 2^31 (int32
+row offsets in the Triton kernels).
+Not measured yet: speed on a GPU (sft_kernels/bench_gdn.py is ready for the first lent one).
 
 Three implementations of one function:
 - gated_delta_rule_reference: token by token, in float64 when given float64 (the ground truth of the tests).
@@ -173,20 +178,21 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
 # --------------------------------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# Four kernels, two of them sequential over the chunks of a sample (state slice in registers), two parallel over
-# chunks. Every (rows, dim) tile is addressed by a block pointer over the sample's rows (rows past the sample's end
-# read as zero and are never written): per-element pointer tensors of (64, 128) tiles cost ~128 registers a thread.
-#   _prep_kernel       (chunk, head)              the UT transform T = (I + A)^-1 by forward substitution, then
-#                                                 W = T diag(beta e^b) K and U' = T diag(beta) V ((T, H, K|V), dtype
-#                                                 of q: they only ever enter dots, whose operands are that dtype).
-#   _fwd_kernel        (V block, sample, head)    U = U' - W S, O, S <- next state; the backward re-runs it to store
-#                                                 the state at every chunk start and U (transient, freed after).
-#   _bwd_state_kernel  (V block, sample, head)    reverse over chunks: dU and dS; stores dS at every chunk end.
-#   _bwd_intra_kernel  (chunk, head)              everything per chunk from the stored S, dS, U, dU, looping over V
-#                                                 blocks (fixed order, no atomics): dq, dk, dv, dbeta, dg.
+# Seven kernels: two sequential over the chunks of a sample (the state slice (K, BV) in registers, nothing else),
+# five parallel over chunks. Forward: prep -> fwd -> out. Backward: prep -> fwd (recompute) -> bwd_du -> bwd_state
+# -> bwd_dqk -> bwd_wy.
+#   _prep_kernel       (chunk, head)              T = (I + A)^-1, W = T diag(beta e^b) K, U' = T diag(beta) V
+#   _fwd_kernel        (V block, sample, head)    U = U' - W S (in place of U'), S at every chunk start, S <- next
+#   _out_kernel        (chunk, head)              O = scale (diag(e^b) Q S0 + P U)
+#   _bwd_du_kernel     (chunk, head)              dU = scale P^T dO (its intra-chunk part)
+#   _bwd_state_kernel  (V block, sample, head)    reverse over chunks: dU += diag(e^{b_C - b}) K dS1, dS at every
+#                                                 chunk end, dS <- previous
+#   _bwd_dqk_kernel    (chunk, head)              dq; the O and S1 paths of dk and of the log-decay gradient
+#   _bwd_wy_kernel     (chunk, head)              the WY/UT path: dv, dbeta, the rest of dk; dg
+# Sums over V run as loops over V blocks in a fixed order inside one program: no atomics, deterministic.
 # Saved for backward: only the inputs (and cu_seqlens); the rest is recomputed, so activations stay O(T H D).
-# Transient during one layer's backward: W, U', U, dU (T, H, D) and the states S, dS (n_chunks, H, K, V) in the
-# inputs' dtype (they enter dots only), T (n_chunks, H, 64, 64) fp32.
+# Transient during one call: W, U, dU (T, H, K|V) and the states S, dS (n_chunks, H, K, V), all in the inputs'
+# dtype (they only enter dots, whose operands are that dtype anyway), T (n_chunks, H, 64, 64) fp32.
 
 
 @triton.jit
@@ -243,10 +249,10 @@ def _prep_kernel(K_, V_, G, BETA, W, U, TM, CHUNKS, H, K: tl.constexpr, V: tl.co
         tl.store(TM + (c * H + h).to(tl.int64) * BT * BT + i[:, None] * BT + i[None, :], Tm)
     Tm = Tm.to(dt)
     kb = (k.to(tl.float32) * (beta * tl.exp(b))[:, None]).to(dt)
-    _store_rows(W, _dot(Tm, kb, DOT_PREC).to(dt), h, t0, eos, 0, H, K, BT, K)
+    _store_rows(W, _dot(Tm, kb, DOT_PREC), h, t0, eos, 0, H, K, BT, K)  # (BT, K)
     v = _load_rows(V_, h, t0, eos, 0, H, V, BT, V)  # (BT, V)
     u = _dot(Tm, (v.to(tl.float32) * beta[:, None]).to(dt), DOT_PREC)  # (BT, V)
-    _store_rows(U, u.to(dt), h, t0, eos, 0, H, V, BT, V)
+    _store_rows(U, u, h, t0, eos, 0, H, V, BT, V)
 
 
 # The recurrence over the chunks of one sample for columns [vb BV, vb BV + BV) of the state (every update is
@@ -509,8 +515,21 @@ _KERNELS = {"prep": _prep_kernel, "fwd": _fwd_kernel, "out": _out_kernel, "bwd_d
 _KEYS = {"prep": ["STORE_T"], "fwd": ["HAS_H0", "STORE_FINAL"], "bwd_state": ["BV"]}
 # Kernels that update a buffer in place: the autotuner restores it after each timed trial.
 _IN_PLACE = {"fwd": ["U"], "bwd_state": ["DU"], "bwd_wy": ["DK", "DG"]}
+
+
+def _fit_bv(configs, named_args, **kwargs):
+    """Autotuner pruning: V blocks no wider than V (V = 16 or 32 turns BV = 64 into BV = V), duplicates dropped."""
+    fitted = {}
+    for c in configs:
+        kw = dict(c.kwargs, BV=min(c.kwargs["BV"], kwargs["V"])) if "BV" in c.kwargs else c.kwargs
+        fitted.setdefault((tuple(sorted(kw.items())), c.num_warps, c.num_stages),
+                          triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return list(fitted.values())
+
+
 # Every autotuned kernel we launch, for the sm_90 compile test: name -> autotuner (.configs); _RAW: name -> kernel.
 AUTOTUNED = {name: triton.autotune(_TUNE[name], key=["K", "V"] + _KEYS.get(name, []),
+                                   prune_configs_by={"early_config_prune": _fit_bv},
                                    restore_value=_IN_PLACE.get(name, []))(fn)
              for name, fn in _KERNELS.items()}
 _RAW = _KERNELS
