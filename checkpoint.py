@@ -113,7 +113,7 @@ def save_checkpoint(out, model, optimizer, scheduler, position, *, cfg, base_mod
             return e
 
     def check(err):
-        failed = torch.tensor(float(err is not None))
+        failed = torch.tensor(float(err is not None), device=device)  # nccl reduces only CUDA tensors
         dist.all_reduce(failed)  # (all ranks) one rank's failure stops them all
         if failed:
             if rank == 0:

@@ -803,7 +803,7 @@ def run(args):
         last = step == stop_at
         if val is not None and (last or (args.test_freq > 0 and step % args.test_freq == 0)):
             rec["val/loss"] = evaluate(model, rank_batches(val, np.arange(len(val)), max_tokens=None)[0])
-        stopping = bool(all_sum(torch.tensor(float(bool(received)))))  # (all ranks) agree to stop together
+        stopping = bool(all_sum(torch.tensor(float(bool(received)), device=device)))  # (all ranks) agree to stop together
         saved = None  # the checkpoint written after this step, if any
         if last or stopping or (args.save_freq > 0 and step % args.save_freq == 0):
             saved = checkpoint.save_checkpoint(out, model, optimizer, scheduler, pos, cfg=cfg, config=resume_config(args),
