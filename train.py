@@ -567,14 +567,52 @@ def run(args):
                 log(f"stopped by signal after step {step}; rerun the same command to resume from {path}.")
                 dist.destroy_process_group()
                 return
-    log(f"done: {step} steps in {fmt_time(time.time() - t_start)}; checkpoints in {out}")
+    lora = f" of LoRA r={args.lora_rank} alpha={args.lora_alpha}" if args.lora_rank > 0 else ""
+    resumed = f" (resumed at step {first_step}, now at {step})" if first_step else ""
+    log(f"done: {step - first_step} steps{lora}{resumed} in {fmt_time(time.time() - t_start)}; checkpoints in {out}")
     dist.destroy_process_group()
+
+
+def preflight(args, world_size):
+    """`python train.py --preflight=WORLD_SIZE ...`: in one process, before a launcher starts the workers,
+    everything a user can get wrong in a run of world_size processes: keys and values, batch arithmetic,
+    files, the model dir's config, the chat template, sp size against the heads, and every data row,
+    tokenised into the data cache (which rank 0 then reads instead of tokenising again). A user error
+    then stops the job with one line here, instead of in several workers at once, where one rank's
+    error leaves the others' collectives to fail with their own tracebacks."""
+    validate(args, world_size)
+    cfg = M.read_config(args.partial_pretrain)
+    args.chat_template = templates.detect(args.partial_pretrain, args.chat_template)  # as run() resolves it
+    parallel.check_sp_size(args.sp_size, world_size, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    tokenizer = data.load_tokenizer(args.partial_pretrain)
+    keys = dict(multiturn=args.multiturn, messages_key=args.messages_key, tools_key=args.tools_key,
+                prompt_key=args.prompt_key, response_key=args.response_key,
+                prompt_dict_keys=args.prompt_dict_keys, response_dict_keys=args.response_dict_keys,
+                chat_template=args.chat_template, enable_thinking_key=args.enable_thinking_key)
+    n_train = 0
+    for files in (args.train_files, args.val_files):
+        if files:
+            samples = data.build_samples(files, tokenizer, args.max_length, args.truncation,
+                                         cache_dir=Path(args.default_local_dir) / "data_cache",
+                                         tokenizer_path=Path(args.partial_pretrain) / "tokenizer.json",
+                                         log=functools.partial(print, flush=True), **keys)
+            n_train = n_train or len(samples)
+    if n_train < args.train_batch_size:
+        raise ConfigError(f"data.train_batch_size={args.train_batch_size} exceeds the {n_train} training "
+                          "samples; lower data.train_batch_size.")
+    checkpoint.find_resume(args)  # a broken resume pointer or path
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    # --preflight=N is ours, not a verl key: checks for a run of N processes, then exits (see preflight)
+    world = [a.split("=", 1)[1] for a in argv if a.startswith("--preflight=")]
+    argv = [a for a in argv if not a.startswith("--preflight=")]
     try:
-        run(parse_args(argv))
+        if world:
+            preflight(parse_args(argv), int(world[-1]))
+        else:
+            run(parse_args(argv))
     except (ConfigError, TrainingError, checkpoint.CheckpointError, data.DataError, M.ModelError,
             parallel.ParallelError, templates.TemplateError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
@@ -582,6 +620,11 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2)
+    except KeyboardInterrupt:
+        if not world:
+            raise  # a second Ctrl-C in training: out at once, where it was
+        print("stopped before training started; nothing was saved.", file=sys.stderr, flush=True)
+        sys.exit(130)  # 128 + SIGINT, the shell's convention for an interrupted command
 
 
 if __name__ == "__main__":
