@@ -54,7 +54,6 @@ args=(data.train_files="$TRAIN_DATA" data.val_files="$EVAL_DATA" data.max_length
 "$PYTHON" train.py --preflight=$((nnodes * nproc_per_node)) "${args[@]}"
 # torchrun, minus its dumps for the ends already explained: a worker that exits 2 printed our one
 # `error:` line; Ctrl-C / SIGTERM reach the workers as SIGTERM (they finish the step, save, exit 0).
-stopped=; trap 'stopped=1' INT TERM
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # what torchrun sets, without its warning
 "$PYTHON" -c '
 import logging, os, signal, sys
@@ -82,15 +81,17 @@ except ChildFailedError as e:
     if signals:  # a second Ctrl-C: the workers stopped at once
         sys.exit(128 + signals[0])
     raise  # a crash: the worker printed its traceback; this shows which rank
-' "${launch[@]}" --signals_to_handle=SIGHUP,SIGQUIT --nproc_per_node="$nproc_per_node" train.py "${args[@]}"
+sys.exit(3 if signals else 0)  # 3 (run.sh only): stopped by a signal after a clean save
+' "${launch[@]}" --signals_to_handle=SIGHUP,SIGQUIT --nproc_per_node="$nproc_per_node" train.py "${args[@]}" || rc=$?
+if [ "${rc:-0}" = 3 ]; then
+  echo "run.sh: stopped by a signal, so no sample reply (exit code 0: the checkpoint is complete)."
+  exit 0
+fi
+[ "${rc:-0}" = 0 ] || exit "$rc"
 
 # One reply of the final checkpoint to the first validation row's first assistant turn (a tool call in
 # ReTool data), beside the reference, and where the loss curve is (when the run saved into SAVE_PATH).
 if [ "${NODE_RANK:-0}" = 0 ] && [ -f "$SAVE_PATH/latest_checkpointed_iteration.txt" ]; then
-  if [ -n "$stopped" ]; then
-    echo "run.sh: stopped by a signal, so no sample reply; loss curve so far in $SAVE_PATH/loss.png"
-    exit 0
-  fi
   ckpt=$SAVE_PATH/global_step_$(cat "$SAVE_PATH/latest_checkpointed_iteration.txt")/huggingface
   "$PYTHON" generate.py "$ckpt" --data "$EVAL_DATA" --rows 0 --turn 0 --max_new_tokens 200
   echo "run.sh: loss curve in $SAVE_PATH/loss.png"
