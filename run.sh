@@ -52,37 +52,9 @@ args=(data.train_files="$TRAIN_DATA" data.val_files="$EVAL_DATA" data.max_length
 # Every user error (keys, batch arithmetic, paths, model dir, template, each data row) in one process
 # first: one `error:` line, exit 2. It also fills the data cache the workers read.
 "$PYTHON" train.py --preflight=$((nnodes * nproc_per_node)) "${args[@]}"
-# torchrun, minus its dumps for the ends already explained: a worker that exits 2 printed our one
-# `error:` line; Ctrl-C / SIGTERM reach the workers as SIGTERM (they finish the step, save, exit 0).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # what torchrun sets, without its warning
-"$PYTHON" -c '
-import logging, os, signal, sys
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import parse_args, run
-for name in list(logging.root.manager.loggerDict):  # each torchrun logger has its own level
-    if name.startswith("torch.distributed") and "LOGLEVEL" not in os.environ:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-signals = []
-def forward(signum, frame):
-    signals.append(signum)
-    for pid in os.listdir("/proc"):  # the workers: our child processes
-        try:
-            if pid.isdigit() and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid()):
-                os.kill(int(pid), signal.SIGTERM)
-        except (OSError, IndexError):
-            pass
-signal.signal(signal.SIGINT, forward)
-signal.signal(signal.SIGTERM, forward)
-try:
-    run(parse_args(sys.argv[1:]))
-except ChildFailedError as e:
-    if 2 in {f.exitcode for f in e.failures.values()}:
-        sys.exit(2)
-    if signals:  # a second Ctrl-C: the workers stopped at once
-        sys.exit(128 + signals[0])
-    raise  # a crash: the worker printed its traceback; this shows which rank
-sys.exit(3 if signals else 0)  # 3 (run.sh only): stopped by a signal after a clean save
-' "${launch[@]}" --signals_to_handle=SIGHUP,SIGQUIT --nproc_per_node="$nproc_per_node" train.py "${args[@]}" || rc=$?
+# torchrun without its dumps for the ends already explained (launch.py): a worker's exit 2 is its one
+# `error:` line; Ctrl-C / SIGTERM stop the workers after a save, then launch.py exits 3.
+"$PYTHON" launch.py "${launch[@]}" --nproc_per_node="$nproc_per_node" train.py "${args[@]}" || rc=$?
 if [ "${rc:-0}" = 3 ]; then
   echo "run.sh: stopped by a signal, so no sample reply (exit code 0: the checkpoint is complete)."
   exit 0

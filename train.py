@@ -620,10 +620,10 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2)
-    except KeyboardInterrupt:
-        if not world:
-            raise  # a second Ctrl-C in training: out at once, where it was
-        print("stopped before training started; nothing was saved.", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C before the stop-and-save handler is set, or a second one: out at once
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("interrupted without saving this step; rerun the same command to resume from the last "
+                  "checkpoint, if any.", file=sys.stderr, flush=True)
         sys.exit(130)  # 128 + SIGINT, the shell's convention for an interrupted command
 
 
