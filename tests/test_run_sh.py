@@ -88,3 +88,9 @@ def test_ctrl_c_saves_says_so_and_exits_0(tiny, tmp_path):
     assert f"stopped by signal after step {step}; rerun the same command to resume" in out, out
     assert "run.sh: stopped by a signal, so no sample reply" in out and "Traceback" not in out, out
     assert "--- reply:" not in out
+    # The same command again resumes; done: counts this invocation's steps and says where it resumed.
+    proc = start(tiny, save, "trainer.total_epochs=50", f"trainer.total_training_steps={step + 2}")
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out
+    assert f"done: 2 steps (resumed at step {step}, now at {step + 2}) in " in out, out
+    assert "--- reply:" in out and "run.sh: loss curve in" in out  # a finished run ends with the sample reply
