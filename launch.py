@@ -46,9 +46,11 @@ def main(argv):
     signal.signal(signal.SIGTERM, forward)
     # torchrun must not install its handlers for these two over ours
     argv = ["--signals_to_handle=SIGHUP,SIGQUIT", *argv]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets for several workers, without its warning
+    args = parse_args(argv)
+    if str(args.nproc_per_node) != "1":  # what torchrun sets for several workers, without its warning
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        run(parse_args(argv))
+        run(args)
     except ChildFailedError as e:
         if 2 in {f.exitcode for f in e.failures.values()}:
             sys.exit(2)
