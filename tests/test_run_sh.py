@@ -53,7 +53,7 @@ def test_user_errors_are_one_line_and_exit_2(tiny, tmp_path):
         (["data.val_files=/nonexistent/val.parquet"], {}, "data file /nonexistent/val.parquet does not exist"),
         ([], {"TRAIN_DATA": tiny["bad_row"], "EVAL_DATA": tiny["bad_row"]}, "is not valid JSON"),
         (["ulysses_sequence_parallel_size=3"], {}, "ulysses_sequence_parallel_size=3 must divide the number of processes (2)"),
-        ([], {"MODEL_PATH": tiny["no_config"]}, "has no config.json"),
+        ([], {"MODEL_PATH": tiny["no_config"]}, "config.json not found"),
         ([], {"MODEL_PATH": tiny["bad_weights"]}, "is not a readable safetensors file"),  # in the workers
         ([], {"TRAIN_DATA": "/nonexistent/train.parquet"}, "TRAIN_DATA=/nonexistent/train.parquet does not exist"),
         ([], {"MODEL_PATH": "unset", "HDFS_ROOT": tmp_path}, f"MODEL_PATH={tmp_path}/model/Qwen2.5-0.5B-Instruct does not exist"),
