@@ -12,7 +12,8 @@ per compile), in a pool of 2 processes. Launch arguments are those the wrappers 
 tensors, and go through the same argument binder as a launch, so the specialisation (16-divisible pointers and
 strides, integers equal to 1) is what the GPU would compile.
 
-Cost: about 95 compiles (attention: 89, bf16), 1.5 CPU-minutes, so under a minute of wall time on two free cores.
+Cost: about 140 compiles (attention: 89, gated delta rule: 48, bf16), 2 CPU-minutes, so about a minute of wall time
+on two free cores (3.5 minutes on two cores shared with other jobs).
 
 Adding a kernel: write a function returning its cases (label, jit function, args, constexprs + num_warps /
 num_stages) and add it to FAMILIES.
@@ -20,6 +21,7 @@ num_stages) and add it to FAMILIES.
 import contextlib
 import importlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -36,6 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SMEM_LIMIT = 227 * 1024  # max dynamic shared memory per block on H100/H200 (228 KiB per SM, 1 KiB reserved)
 HEAD_DIMS = (64, 128, 256)  # every head_dim class of sft_kernels/attention.py has its own configs
 DTYPES = ("bfloat16",)  # what the trainer runs on a GPU; add "float16" to check fp16 too (same tiles, twice the time)
+# The delta rule's head count H is a runtime int, specialised only on divisibility by 16: 16 stands for every Qwen3.5
+# (0.8B's 16 value heads, 27B's 48); add 8 for Ulysses head shards (16 / 2, 48 / 2 = 24, ...): at K = V = 128 it
+# compiled to the same registers and shared memory as 16 for every case, so it is left out (twice the time).
+GDN_HEADS = (16,)
 
 
 class Missing(Exception):
@@ -105,16 +111,58 @@ def lm_head_loss_cases():
 
 
 def gated_delta_rule_cases():
-    """The chunked gated delta rule; its entries are added when sft_kernels/gated_delta_rule.py lands."""
+    """The chunked gated delta rule: its seven kernels at every config and every constexpr combination launched."""
     try:
-        importlib.import_module("sft_kernels.gated_delta_rule")
+        gdr = importlib.import_module("sft_kernels.gated_delta_rule")
     except ModuleNotFoundError as e:
         raise Missing(f"sft_kernels/gated_delta_rule.py is not there ({e})")
-    # To fill in after the merge, as attention_cases does: for each kernel of the module and each of its autotune
-    # candidates (or its one fixed launch), at the Qwen3.5-0.8B and 27B head shapes in bf16 (state in fp32),
-    #     cases.append((label, gdr._some_kernel, (MockTensor(torch.bfloat16), ..., T, ...), dict(BT=64, num_warps=4)))
-    # A kernel name that is missing should raise Missing (the test then skips with that reason), not AttributeError.
-    raise Missing("sft_kernels/gated_delta_rule.py exists but no compile cases are listed for it yet")
+    import torch
+    from triton.runtime.jit import MockTensor
+    kinds = ("prep", "fwd", "out", "bwd_du", "bwd_state", "bwd_dqk", "bwd_wy")
+    tuned, raw = getattr(gdr, "AUTOTUNED", {}), getattr(gdr, "_RAW", {})
+    missing = [k for k in kinds if k not in tuned or k not in raw]
+    if missing:
+        raise Missing(f"sft_kernels/gated_delta_rule.py has no AUTOTUNED/_RAW kernels named {missing}")
+    assert set(tuned) == set(kinds), f"gated_delta_rule.AUTOTUNED is {sorted(tuned)}: add the new kernels' launches"
+    K, V = 128, 128  # Qwen3.5's linear-attention head dims; every config's BV fits V, so the autotuner prunes none
+    scale = K ** -0.5
+    f32, i32 = MockTensor(torch.float32), MockTensor(torch.int32)
+    cases = []
+    for dtype, H in itertools.product(DTYPES, GDN_HEADS):
+        x = MockTensor(getattr(torch, dtype))  # q, k, v and what the wrapper allocates like them (W, U, states, dq..)
+        # g is fp32 (the model computes it so); beta arrives in the model's activation dtype (the sigmoid of a bf16
+        # projection), fp32 in flash-linear-attention's convention: both, for the two kernels that read it
+        betas = {f"beta={dt}": MockTensor(getattr(torch, dt)) for dt in dict.fromkeys((dtype, "float32"))}
+        base = dict(K=K, V=V, BT=gdr.CHUNK, DOT_PREC="tf32")
+        # (kind, tag, args, constexprs beyond the config's): the launches of _states and _ChunkGatedDeltaRule
+        launches = []
+        for tag, beta in betas.items():
+            # without STORE_T (forward) the T pointer is W, a dummy; with it (backward) T is (n_chunks, H, 64, 64) fp32
+            for store_t, tm in ((False, x), (True, f32)):
+                launches.append(("prep", f"{tag} STORE_T={store_t}", (x, x, f32, beta, x, x, tm, i32, H),
+                                 dict(STORE_T=store_t)))
+            launches.append(("bwd_wy", tag, (x, x, f32, beta, f32, x, x, x, x, f32, f32, i32, H), {}))
+        # the forward launches every (initial_state, output_final_state) pair, the backward's recompute (h0, none);
+        # an absent h0 or final state passes W in its place
+        for has_h0 in (False, True):
+            for store_final in (False, True):
+                args = (x, f32, x, x, f32 if has_h0 else x, f32 if store_final else x, x, i32, i32, H)
+                launches.append(("fwd", f"HAS_H0={has_h0} STORE_FINAL={store_final}", args,
+                                 dict(HAS_H0=has_h0, STORE_FINAL=store_final)))
+        launches.append(("out", "", (x, x, f32, x, x, x, i32, scale, H), {}))
+        launches.append(("bwd_du", "", (x, x, f32, x, x, i32, scale, H), {}))
+        # BV is the host's choice (_state_bv): 32 or 64 at V = 128; dht given or not
+        for bv in (32, 64):
+            for has_dht in (False, True):
+                args = (x, x, f32, x, x, f32, f32, x, x, i32, i32, scale, H)
+                launches.append(("bwd_state", f"BV={bv} HAS_DHT={has_dht}", args, dict(BV=bv, HAS_DHT=has_dht)))
+        launches.append(("bwd_dqk", "", (x, x, f32, x, x, x, x, x, x, f32, i32, scale, H), {}))
+        for kind, tag, args, extra in launches:
+            fn = raw[kind]
+            for cfg in tuned[kind].configs:
+                label = " ".join(s for s in (kind, dtype, f"H={H}", tag, name(cfg).strip()) if s)
+                cases.append((label, fn, args, {**base, **extra, **launch(cfg)}))
+    return cases
 
 
 def detector_cases():
