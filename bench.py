@@ -219,7 +219,7 @@ def memory_table(configs, ranks, world_size):
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in configs:
         for dtype in (torch.float32, torch.bfloat16):
-            for r in [0] + (ranks if "linear_num_key_heads" not in MEMORY_CONFIGS[name] else []):  # no DeltaNet LoRA yet
+            for r in [0] + ranks:
                 b = training_state_bytes(MEMORY_CONFIGS[name], r, dtype, world_size)
                 row = [name, str(dtype).removeprefix("torch."), f"LoRA r={r}" if r else "full",
                        f"{b['trained'] / 1e6:,.1f}M of {b['total'] / 1e9:.2f}B", gib(b["params"]), gib(b["grads"]),

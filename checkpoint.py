@@ -70,8 +70,9 @@ def set_rng_state(state, device):
 
 def write_hf(state, cfg, src, path):
     """huggingface/: bf16 weights, config, tokenizer and generation config — what transformers and
-    vLLM load as they are."""
-    M.save_state_dict(state, cfg, path, dtype=torch.bfloat16)
+    vLLM load as they are. src is the model dir trained from: a multimodal Qwen3.5 one keeps its layout,
+    config.json and the tensors it did not train (vision tower, MTP) byte-identical (M.save_state_dict)."""
+    M.save_state_dict(state, cfg, path, dtype=torch.bfloat16, source=src)
     for name in HF_FILES:
         if (Path(src) / name).is_file():
             shutil.copyfile(Path(src) / name, path / name)
@@ -138,7 +139,8 @@ def save_checkpoint(out, model, optimizer, scheduler, position, *, cfg, base_mod
     def finish():
         if lora:  # huggingface/ is the merged model; the adapter alone goes beside it
             write_hf(L.merge(full, *lora[:2]), cfg, base_model, tmp / "huggingface")
-            L.save_adapter(full, tmp / "lora_adapter", *lora, base_model=base_model)
+            L.save_adapter(full, tmp / "lora_adapter", *lora, base_model=base_model,
+                           prefix=M.qwen3_5_prefix(base_model))
         else:
             write_hf(full, cfg, base_model, tmp / "huggingface")
         meta = {**{k: position[k] for k in POSITION}, "scheduler": scheduler.state_dict(),

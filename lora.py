@@ -13,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every linear of a decoder layer: attention, MLP, then Qwen3.5's Gated DeltaNet (its depthwise conv is no target).
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+           "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 
 
 class LoraLinear(nn.Linear):
@@ -51,12 +53,16 @@ def apply(model, rank, alpha, targets, seed=0, dtype=torch.float32):
 
     A is drawn from its own generator (seed), layer by layer in TARGETS order, so every rank
     builds the same adapter before FSDP shards it. Works on a meta-device model too (no init then).
+    A layer adapts the targets it has (Qwen3.5: linear_attn's or self_attn's, and the MLP's).
     """
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     for layer in model.model.layers:
+        mixers = [m for m in (getattr(layer, n, None) for n in ("self_attn", "linear_attn", "mlp")) if m is not None]
         for name in target_names(targets):
-            parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+            parent = next((m for m in mixers if isinstance(getattr(m, name, None), nn.Linear)), None)
+            if parent is None:
+                continue
             adapted = LoraLinear(getattr(parent, name), rank, alpha, dtype)
             a = torch.empty(adapted.lora_A.weight.shape)
             nn.init.kaiming_uniform_(a, a=5 ** 0.5, generator=gen)  # PEFT's init: bound 1/sqrt(in_features)
@@ -84,16 +90,20 @@ def merge(state_dict, rank, alpha):
     return out
 
 
-def save_adapter(state_dict, path, rank, alpha, targets, base_model):
-    """PEFT's adapter layout: adapter_model.safetensors (keys `base_model.model.<our name>`, fp32 as
+def save_adapter(state_dict, path, rank, alpha, targets, base_model, prefix=None):
+    """PEFT's adapter layout: adapter_model.safetensors (keys `base_model.model.<HF name>`, fp32 as
     trained) and adapter_config.json; loads with peft's PeftModel.from_pretrained(base, path) and
-    vLLM's LoRARequest."""
+    vLLM's LoRARequest. prefix: where base_model keeps the decoder when not under `model.` (a multimodal
+    Qwen3.5's `model.language_model.`), so the names are those of the model the base dir loads as."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {"base_model.model." + k: v.detach().cpu().contiguous() for k, v in state_dict.items() if is_lora_key(k)}
+    rename = (lambda k: k) if prefix is None else (lambda k: prefix + k.removeprefix("model."))
+    tensors = {"base_model.model." + rename(k): v.detach().cpu().contiguous()
+               for k, v in state_dict.items() if is_lora_key(k)}
+    adapted = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors}  # the projections this model has
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base_model), r=rank,
-                  lora_alpha=alpha, target_modules=target_names(targets), lora_dropout=0.0, bias="none",
+                  lora_alpha=alpha, target_modules=[t for t in target_names(targets) if t in adapted], lora_dropout=0.0, bias="none",
                   fan_in_fan_out=False, use_rslora=False, use_dora=False, init_lora_weights=True,
                   modules_to_save=None, inference_mode=True)
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

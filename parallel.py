@@ -30,14 +30,19 @@ def check_sizes(world_size, sp_size, fsdp_size):
                             f"processes) or one of {ok}; use the GPUs per node for multi-node runs.")
 
 
-def check_sp_heads(sp_size, num_heads, num_kv_heads):
-    """Ulysses gives each sp rank num_heads / sp_size query heads and their key-value heads (from the
-    config, before the model loads). A layer kind with other heads adds its own check here."""
-    if num_heads % sp_size or not (num_kv_heads % sp_size == 0 or sp_size % num_kv_heads == 0):
-        ok = [s for s in range(1, num_heads + 1)
-              if num_heads % s == 0 and (num_kv_heads % s == 0 or s % num_kv_heads == 0)]
+def check_sp_heads(sp_size, num_heads, num_kv_heads, linear_key_heads=None, linear_value_heads=None):
+    """Ulysses gives each sp rank num_heads / sp_size query heads and their key-value heads, and in the Gated
+    DeltaNet layers (Qwen3.5; the linear_* counts, None for other models) linear_key_heads / sp_size key heads
+    and the value heads they serve (checked from the config, before the model loads)."""
+    def fits(s):
+        attention = num_heads % s == 0 and (num_kv_heads % s == 0 or s % num_kv_heads == 0)
+        return attention and all(n is None or n % s == 0 for n in (linear_key_heads, linear_value_heads))
+    if not fits(sp_size):
+        ok = [s for s in range(1, num_heads + 1) if fits(s)]
+        linear = ("" if linear_key_heads is None else f" and {linear_key_heads} key / {linear_value_heads} "
+                  "value heads in the linear-attention layers (linear_num_key_heads, linear_num_value_heads)")
         raise ParallelError(f"ulysses_sequence_parallel_size={sp_size} does not fit {num_heads} query / "
-                            f"{num_kv_heads} key-value heads; use one of {ok}.")
+                            f"{num_kv_heads} key-value heads{linear}; use one of {ok}.")
 
 
 def build_meshes(device_type, world_size, sp_size, fsdp_size=-1):
@@ -172,19 +177,49 @@ def ulysses_attention(q, k, v, cu_seqlens, max_seqlen, *, inner, sp_group, sp_si
     return _HeadsToSeq.apply(o, sp_group, sp_size)  # (T/S, H, D)
 
 
+def ulysses_gated_delta(qkv, b, a, conv_weight, A_log, dt_bias, cu_seqlens, head_k_dim, head_v_dim, *, inner,
+                        sp_group, sp_size):
+    """A Gated DeltaNet layer's mix over the full stream while each rank holds T/S tokens (model.gated_delta_mix).
+
+    qkv (T/S, 2*Hk*Dk + Hv*Dv), b/a (T/S, Hv) -> o (T/S, Hv, Dv). One all-to-all gives rank r the whole stream of
+    its key heads r*Hk/S ... (their q and k channels) and of the value heads they serve (value heads are
+    consecutive per key head, so those are r*Hv/S ...: their v channels, b and a). The causal conv is depthwise,
+    so the rank's slice of conv_weight over the whole stream is exact; the delta rule runs on its heads with the
+    full stream's cu_seqlens. z, the gated norm and out_proj stay on the sequence shard (the caller's).
+    """
+    Tl, Hv = b.shape
+    key_dim = (qkv.shape[1] - Hv * head_v_dim) // 2
+    q, k, v = qkv.split([key_dim, key_dim, Hv * head_v_dim], dim=-1)
+    parts = [x.reshape(Tl, sp_size, -1) for x in (q, k, v, b, a)]  # (T/S, S, width/S): chunk j -> rank j
+    widths = [p.shape[-1] for p in parts]
+    x = _SeqToHeads.apply(torch.cat(parts, dim=-1), sp_group, sp_size)  # (T, 1, sum of widths): one all-to-all
+    q, k, v, b, a = x[:, 0].split(widths, dim=-1)  # (T, Hk/S*Dk) x2, (T, Hv/S*Dv), (T, Hv/S) x2
+    r = dist.get_rank(sp_group)
+    # conv_weight (C, 1, K) holds q, k, v channels in qkv's order: the rank's share of each, in the same order
+    w = torch.cat([c.chunk(sp_size)[r] for c in conv_weight.split([key_dim, key_dim, Hv * head_v_dim])])
+    heads = slice(r * Hv // sp_size, (r + 1) * Hv // sp_size)
+    o = inner(torch.cat([q, k, v], dim=-1), b, a, w, A_log[heads], dt_bias[heads], cu_seqlens,
+              head_k_dim, head_v_dim)  # (T, Hv/S, Dv)
+    return _HeadsToSeq.apply(o, sp_group, sp_size)  # (T/S, Hv, Dv)
+
+
 def apply_ulysses(model, sp_group, sp_size):
     """Wrap each layer's sequence mixer in the Ulysses all-to-alls (no-op for sp_size 1).
 
-    The seam for another layer kind: a layer with softmax attention exposes `self_attn.attn_fn`
-    (q, k, v, cu_seqlens, max_seqlen) -> o, which is wrapped here; a layer without one (e.g. a linear
-    attention) needs its own wrapper beside ulysses_attention, chosen below, or it is refused.
+    A layer with softmax attention exposes `self_attn.attn_fn` (q, k, v, cu_seqlens, max_seqlen) -> o, wrapped
+    by ulysses_attention (Qwen3.5's output gate is applied after it, on the sequence shard); a Gated DeltaNet
+    layer exposes `linear_attn.mix_fn`, wrapped by ulysses_gated_delta. Another kind is refused.
     """
     if sp_size == 1:
         return model
+    kw = dict(sp_group=sp_group, sp_size=sp_size)
     for i, layer in enumerate(model.model.layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "attn_fn"):
-            raise ParallelError(f"decoder layer {i} ({type(layer).__name__}) has no self_attn.attn_fn to run "
-                                "under Ulysses; use ulysses_sequence_parallel_size=1 for this model.")
-        attn.attn_fn = functools.partial(ulysses_attention, inner=attn.attn_fn, sp_group=sp_group, sp_size=sp_size)
+        attn, linear = getattr(layer, "self_attn", None), getattr(layer, "linear_attn", None)
+        if hasattr(attn, "attn_fn"):
+            attn.attn_fn = functools.partial(ulysses_attention, inner=attn.attn_fn, **kw)
+        elif hasattr(linear, "mix_fn"):
+            linear.mix_fn = functools.partial(ulysses_gated_delta, inner=linear.mix_fn, **kw)
+        else:
+            raise ParallelError(f"decoder layer {i} ({type(layer).__name__}) has no self_attn.attn_fn or "
+                                "linear_attn.mix_fn to run under Ulysses; use ulysses_sequence_parallel_size=1.")
     return model

@@ -342,6 +342,13 @@ def parse_args(argv):
     # data.apply_chat_template_kwargs[.KEY]: free-form, so taken out before argparse, kept in order
     kwargs_ops = [tok.partition("=")[::2] for tok in argv if tok.partition("=")[0].startswith(KWARGS)]
     argv = [tok for tok in argv if not tok.partition("=")[0].startswith(KWARGS)]
+    # verl's model.mtp.* (multi-token prediction): accepted while off; turned on it is refused
+    mtp_on = [tok[2:] for tok in argv if tok.startswith(("--model.mtp.enable=", "--model.mtp.enable_train="))
+              and tok.partition("=")[2].lower() in ("true", "1", "yes")]
+    if mtp_on:
+        raise ConfigError(f"{mtp_on[0]} asks for multi-token-prediction training, which this trainer does not do "
+                          "(a checkpoint's mtp.* weights are saved unchanged); remove the model.mtp.* keys.")
+    argv = [tok for tok in argv if not tok.startswith("--model.mtp.")]
     keys = [tok.partition("=")[0] for tok in argv if tok.startswith("--") and tok != "--help"]
     known = {s for act in parser._actions for s in act.option_strings}
     dialect = dialect_of_command(parser, [k for k in keys if k in known])
@@ -684,7 +691,10 @@ def run(args):
     args.chat_template = templates.detect(args.partial_pretrain, args.chat_template)
     log(f"chat template: {args.chat_template} "
         + ("(recognised in the model dir)" if found else "(data.chat_template)"))
-    parallel.check_sp_heads(args.sp_size, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    parallel.check_sp_heads(args.sp_size, cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                            cfg.get("linear_num_key_heads"), cfg.get("linear_num_value_heads"))
+    if M.attention_note(cfg):
+        log(M.attention_note(cfg))
     world_mesh, dp_sp = parallel.build_meshes(device.type, world_size, args.sp_size, args.fsdp_size)
     dp_size, sp_size = world_size // args.sp_size, args.sp_size
     out = Path(args.default_local_dir)
