@@ -32,11 +32,11 @@ HF_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt
             "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
 
-def saved_config(config, lora):
-    """trainer_state.json's "config": the caller's resume keys plus the LoRA spec (rank, alpha, targets)
-    or None. Without LoRA, alpha and targets mean nothing and may change freely."""
-    rank, alpha, targets = lora or (0, None, None)
-    return {**config, **dict(zip(LORA_KEYS, (rank, alpha, L.target_names(targets) if lora else None)))}
+def saved_config(config, lora, model=None):
+    """trainer_state.json's "config": the caller's resume keys plus the LoRA spec (rank, alpha, and the
+    projections the model adapts) or None. Without LoRA, alpha and targets mean nothing and may change freely."""
+    rank, alpha, _ = lora or (0, None, None)
+    return {**config, **dict(zip(LORA_KEYS, (rank, alpha, L.adapted_names(model) if lora else None)))}
 
 
 def resume_state(model, optimizer, lora):
@@ -144,7 +144,7 @@ def save_checkpoint(out, model, optimizer, scheduler, position, *, cfg, base_mod
         else:
             write_hf(full, cfg, base_model, tmp / "huggingface")
         meta = {**{k: position[k] for k in POSITION}, "scheduler": scheduler.state_dict(),
-                "world_size": dist.get_world_size(), "config": saved_config(config, lora)}
+                "world_size": dist.get_world_size(), "config": saved_config(config, lora, model)}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")  # marks it complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -184,7 +184,7 @@ def load_checkpoint(path, model, optimizer, scheduler, *, config, lora=None, dev
     """Restore model, optimizer, scheduler and RNG in place; returns the saved data position.
     config and lora as for save_checkpoint: a resume that changes any of them is refused."""
     meta = json.loads((path / "trainer_state.json").read_text())
-    now = saved_config(config, lora)
+    now = saved_config(config, lora, model)
     saved = {**saved_config({}, None), **meta["config"]}  # pre-LoRA checkpoints hold no LoRA keys
     lora_diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in LORA_KEYS if saved[k] != now[k]]
     if lora_diffs:

@@ -74,6 +74,14 @@ def apply(model, rank, alpha, targets, seed=0, dtype=torch.float32):
     return model
 
 
+def adapted_names(model):
+    """The projection names that carry an adapter in this model, in TARGETS order: what a LoRA checkpoint
+    records, so 'all-linear' on Qwen2 reads the same before and after TARGETS grew the DeltaNet names."""
+    found = {name.split(".lora_A.")[0].rsplit(".", 1)[-1]  # "...layers.0.self_attn.q_proj.lora_A.weight" -> q_proj
+             for name, _ in model.named_parameters() if ".lora_A." in name}
+    return [t for t in TARGETS if t in found]
+
+
 def is_lora_key(name):
     return ".lora_A." in name or ".lora_B." in name
 

@@ -846,7 +846,8 @@ def preflight(args, world_size):
     validate(args, world_size)
     cfg = M.read_config(args.partial_pretrain)
     args.chat_template = templates.detect(args.partial_pretrain, args.chat_template)  # as run() resolves it
-    parallel.check_sp_heads(args.sp_size, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    parallel.check_sp_heads(args.sp_size, cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                            cfg.get("linear_num_key_heads"), cfg.get("linear_num_value_heads"))
     tokenizer = data.load_tokenizer(args.partial_pretrain)
     keys = data_keys(args)
     n_train = 0
