@@ -205,7 +205,7 @@ def positions_from_cu_seqlens(cu_seqlens):
 # across packed samples). Names equal transformers' Qwen3_5TextModel; the vision tower and the MTP layer are
 # never built: save_state_dict copies them from the source dir.
 
-ATTENTION_KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # the head sizes sft_kernels/attention.py implements
+ATTENTION_KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # the head sizes sft_kernels/attention.py implements
 
 
 class Qwen3_5RMSNorm(nn.Module):
