@@ -10,7 +10,6 @@
    chunk_gated_delta_rule when `fla` is importable. Milliseconds, median of CUDA-event timings.
 The first call of each shape autotunes our kernels (compiles included); the whole script takes about 1-2 minutes.
 """
-import statistics
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from sft_kernels.bench_attention import time_ms  # noqa: E402
 from sft_kernels.gated_delta_rule import (AUTOTUNED, chunk_gated_delta_rule_torch,  # noqa: E402
                                           chunk_gated_delta_rule_triton, gated_delta_rule_reference)
 
@@ -59,21 +59,6 @@ def check_correctness():
         parts.append(f"{name} {rel:.1e}")
     print(f"correctness bf16 K=V={D}: {'PASS' if ok else 'FAIL'}  max |err| / max |exact| vs fp64: " + ", ".join(parts))
     return ok
-
-
-def time_ms(fn, warmup=3, runs=10):
-    """Median milliseconds of fn() over runs, each timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        times.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in times)
 
 
 def fla_fn():

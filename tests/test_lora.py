@@ -37,6 +37,7 @@ def set_lora_b(model, seed=0, std=0.05):
         for name, p in model.named_parameters():
             if name.endswith("lora_B.weight"):
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
 
 
 def lora_model(base_dir, targets=("all-linear",)):

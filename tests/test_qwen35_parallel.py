@@ -14,6 +14,7 @@ import lora
 import model as M
 import parallel
 import train
+from test_lora import set_lora_b
 from test_resume import job_args, run_train
 from test_train import tiny_model
 from tests_util import distributed
@@ -33,19 +34,9 @@ def samples():
     return out
 
 
-def set_lora_b(model, seed=7, std=0.05):
-    """Non-zero B, as after some training (with B = 0 the gradient of A vanishes)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
-
-
 def _step_worker(rank, world_size, model_dir, variants):
     real_apply = lora.apply
-    lora.apply = lambda *a, **k: set_lora_b(real_apply(*a, **k))  # the trainer's build path, trained B
+    lora.apply = lambda *a, **k: set_lora_b(real_apply(*a, **k), seed=7)  # the trainer's build path, trained B
     results = []
     for v in variants:
         argv = [f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}", "data.train_batch_size=8",
@@ -133,7 +124,7 @@ def test_lora_equals_peft_logits_and_gradients(tmp_path):
     torch.manual_seed(0)
     hf = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**Q.text_config()))
     Q.perturb_(hf.float(), seed=1).save_pretrained(tmp_path)
-    ours = set_lora_b(lora.apply(M.load_pretrained(tmp_path), RANK, ALPHA, ["all-linear"], seed=5))
+    ours = set_lora_b(lora.apply(M.load_pretrained(tmp_path), RANK, ALPHA, ["all-linear"], seed=5), seed=7)
     ref = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear",
                                                   lora_dropout=0.0))
     ours_lora = {k: v for k, v in ours.state_dict().items() if lora.is_lora_key(k)}
