@@ -239,21 +239,24 @@ def generation_prompt(family, enable_thinking=True):
 
 
 def render(family, messages, tools=None, *, enable_thinking=True, preserve_thinking=True, reasoning_effort="xhigh",
-           add_generation_prompt=False, where="the conversation"):
+           add_generation_prompt=False, where="the conversation", replies=None):
     """(text, spans): the official template's text for family, and the trained [start, end) char spans.
 
     messages and tools as normalise / normalise_tools return them; the kwargs as the templates name
     them (check_kwargs says which family reads which). A conversation the official template refuses
-    is a DataError naming where.
+    is a DataError naming where. replies, when a list, receives (start, end, has_tool_calls) of each
+    trained assistant reply: the one span of that turn that _reply trains, in text order.
     """
     if family not in FAMILIES:
         raise TemplateError(f"chat template {family!r} is not one of {', '.join(FAMILIES)}.")
     parts, spans, pos = [], [], 0
 
-    def add(s, trained=False):
+    def add(s, trained=False, calls=None):
         nonlocal pos
         if trained and s:
             spans.append((pos, pos + len(s)))
+            if calls is not None and replies is not None:
+                replies.append((pos, pos + len(s), calls))
         parts.append(s)
         pos += len(s)
 
@@ -278,14 +281,15 @@ def _trained(m):
     return m["loss"] if m.get("loss") is not None else m["role"] == "assistant"
 
 
-def _reply(add, text, trained, prompt):
+def _reply(add, text, trained, prompt, calls):
     """An assistant turn: the one mask rule. Trained after its header through `<|im_end|>\\n`, except a
-    start equal to the generation prompt's own text, which at inference is part of the prompt."""
+    start equal to the generation prompt's own text, which at inference is part of the prompt. calls:
+    whether the turn carries tool calls (recorded with its span for the validation metrics)."""
     add("<|im_start|>assistant\n")
     if trained and prompt and text.startswith(prompt):
         add(prompt)
         text = text[len(prompt):]
-    add(text, trained)
+    add(text, trained, calls)
 
 
 def _tool(m, i, messages, add, content, header_first=True):
@@ -325,7 +329,7 @@ def _qwen25(messages, tools, add, prompt):
             # after the role starts with "\n", which is the header's newline below.
             body = ((("\n" + body) if body else "") + calls)[1:]
         if role == "assistant":
-            _reply(add, body + "<|im_end|>\n", _trained(m), prompt)
+            _reply(add, body + "<|im_end|>\n", _trained(m), prompt, bool(m.get("tool_calls")))
         else:
             add(f"<|im_start|>{role}\n")
             add(body + "<|im_end|>\n", _trained(m))
@@ -382,7 +386,7 @@ def _qwen3(messages, tools, add, prompt, thinking):
                 body += ('<tool_call>\n{"name": "' + call["name"] + '", "arguments": '
                          + (args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
                          + "}\n</tool_call>")
-            _reply(add, body + "<|im_end|>\n", _trained(m), prompt)
+            _reply(add, body + "<|im_end|>\n", _trained(m), prompt, bool(m.get("tool_calls")))
 
 
 def _value(v, v38):
@@ -442,4 +446,4 @@ def _qwen35(messages, tools, add, prompt, family, enable_thinking, preserve_thin
                 for key, value in (args or {}).items():
                     body += f"<parameter={key}>\n{_value(value, v38)}\n</parameter>\n"
                 body += "</function>\n</tool_call>"
-            _reply(add, body + "<|im_end|>\n", _trained(m), prompt)
+            _reply(add, body + "<|im_end|>\n", _trained(m), prompt, bool(m.get("tool_calls")))
