@@ -270,6 +270,18 @@ def test_plot_writes_a_png(tmp_path):
     assert plot.plot_metrics(tmp_path / "elsewhere", "x", log=messages.append) is None and len(messages) == 1
 
 
+def test_plot_second_panel_shows_exact_turns(tmp_path):
+    mpimg = pytest.importorskip("matplotlib.image")
+    write_metrics(tmp_path / "metrics.jsonl", [(s, 5.0 / s) for s in range(1, 13)])
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a later record of a step replaces it: these are the ones drawn
+        for s in (4, 8, 12):
+            f.write(json.dumps({"step": s, "train/loss": 1.0, "train/lr": 1e-3, "val/loss": 1.1,
+                                "val/turn_exact": s / 16, "val/tool_call_exact": s / 12}) + "\n")
+    pixels = mpimg.imread(plot.plot_metrics(tmp_path, "proj/exp"))
+    assert pixels.shape[:2] == (700, 800)
+    assert pixels[470:680].std() > 0.05  # the lower panel is drawn
+
+
 def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
     write_metrics(tmp_path / "metrics.jsonl", [(1, 2.0), (2, 1.5)])
     for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")] + ["matplotlib"]:
