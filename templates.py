@@ -11,6 +11,7 @@ a message's `loss` field (true/false) overrides the default for its own turn.
 """
 import hashlib
 import json
+import re
 from pathlib import Path
 
 FAMILIES = ("qwen2.5", "qwen3", "qwen3-instruct-2507", "qwen3.5", "qwen3.8")
@@ -447,3 +448,52 @@ def _qwen35(messages, tools, add, prompt, family, enable_thinking, preserve_thin
                     body += f"<parameter={key}>\n{_value(value, v38)}\n</parameter>\n"
                 body += "</function>\n</tool_call>"
             _reply(add, body + "<|im_end|>\n", _trained(m), prompt, bool(m.get("tool_calls")))
+
+
+# --------------------------------------------------------------------------- parsing tool calls (the inverse)
+
+def _tool_schemas(tools):
+    """{name: parameters schema} of a row's tools, with or without the {type, function} wrapper."""
+    fns = [t.get("function", t) if isinstance(t.get("function"), dict) else t for t in tools or []]
+    return {f["name"]: f.get("parameters") or {} for f in fns if isinstance(f.get("name"), str)}
+
+
+def _xml_value(text, kind):
+    """A parameter's text back to a value: as written for a string parameter, else JSON, else (Qwen3.5 writes
+    scalars with Python's str) True / False / None, else the text itself."""
+    if kind == "string":
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def parse_tool_calls(family, text, tools=None):
+    """The tool calls of a reply written in family's format, the inverse of the render: a list with
+    {name, arguments: dict} per <tool_call> block, None for a block that does not parse (an unclosed last
+    block included). JSON in the block for qwen2.5 / qwen3 / qwen3-instruct-2507; the XML form
+    <function=NAME><parameter=KEY>VALUE</parameter></function> for qwen3.5 / qwen3.8, whose values are
+    read back by the tool's parameter types (tools: the row's) where the schema gives one."""
+    blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S)
+    closed = text.count("</tool_call>")
+    calls = []
+    for k, block in enumerate(blocks):
+        call = None
+        if k < closed and family in ("qwen3.5", "qwen3.8"):
+            fn = re.fullmatch(r"\s*<function=([^>\n]+)>\n(.*?)</function>\s*", block, flags=re.S)
+            params = re.findall(r"<parameter=([^>\n]+)>\n(.*?)\n</parameter>\n?", fn.group(2), flags=re.S) if fn else []
+            if fn and "".join(f"<parameter={key}>\n{v}\n</parameter>\n" for key, v in params) == fn.group(2):
+                props = _tool_schemas(tools).get(fn.group(1), {}).get("properties") or {}
+                call = {"name": fn.group(1), "arguments": {key: _xml_value(v, (props.get(key) or {}).get("type"))
+                                                           for key, v in params}}
+        elif k < closed:
+            try:
+                obj = json.loads(block)
+            except json.JSONDecodeError:
+                obj = None
+            if (isinstance(obj, dict) and set(obj) == {"name", "arguments"} and isinstance(obj["name"], str)
+                    and isinstance(obj["arguments"], dict)):
+                call = obj
+        calls.append(call)
+    return calls
