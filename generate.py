@@ -1,4 +1,4 @@
-"""Sample replies from a checkpoint with our own model and a KV cache, beside the data's replies.
+"""Sample replies from a checkpoint with our own model and a decoding cache, beside the data's replies.
 
     python generate.py CHECKPOINT_DIR --data FILE.parquet [--rows 0:3] [--turn -1] [--max_new_tokens 512]
         [--temperature 0] [--top_p 1.0] [--seed 0] [--chat_template auto] [--enable_thinking true] [--jsonl OUT]
@@ -10,6 +10,9 @@ CHECKPOINT_DIR is any HF model dir model.py loads: a run's global_step_N/hugging
 original model. Each row's conversation before its LAST assistant turn (or --turn N) is rendered
 with the model's chat template plus the generation prompt, and the reply is generated one token at
 a time until <|im_end|> or an eos id of generation_config.json. CUDA in bf16 when there is one, else CPU in fp32.
+Every family decodes through one cache: full-attention layers keep their keys and values, Qwen3.5's Gated
+DeltaNet layers their conv window and recurrent state; model.py is unchanged, the cache swaps in the layers'
+attn_fn / mix_fn for the duration of a generate call.
 
 --score replies greedily in place of every assistant turn with tool calls (every turn: --all_turns), parses
 the reply's tool calls in the template's format (templates.parse_tool_calls) and prints a table: replies that
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 import data
 import model as M
 import templates
+from sft_kernels.gated_delta_rule import chunk_gated_delta_rule, gated_delta_rule_reference
 
 HEADER, END = "<|im_start|>assistant\n", "<|im_end|>"
 
@@ -38,16 +42,19 @@ class GenerateError(Exception):
     """A user-caused problem with the arguments or the rows; the message is one sentence with the fix."""
 
 
-# --------------------------------------------------------------------------- KV cache and sampling
+# --------------------------------------------------------------------------- decoding cache and sampling
 
-class KVCache:
-    """Every layer's post-RoPE keys and values of the tokens seen so far, in one preallocated buffer
-    per layer (prompt + every new token: no reallocation per step). `length` tokens are cached;
-    the model's forward writes the new ones into each layer, then generate calls advance(n)."""
+class Cache:
+    """What decoding keeps per layer of the tokens seen so far (one sample). Full attention: the post-RoPE
+    keys and values, one preallocated buffer per layer (prompt + every new token: no reallocation per step).
+    Gated DeltaNet: the conv window (the last K-1 q/k/v channel rows before the conv) and the recurrent state
+    (Hv, Dk, Dv) fp32. `length` tokens are cached; the model's forward updates each layer through the
+    functions generate swaps in (attend, mix), then generate calls advance(n)."""
 
     def __init__(self, num_layers, capacity):
         self.capacity, self.length = capacity, 0
         self.k, self.v = [None] * num_layers, [None] * num_layers
+        self.conv, self.state = [None] * num_layers, [None] * num_layers
 
     def advance(self, n):
         self.length += n
@@ -56,7 +63,7 @@ class KVCache:
         """Layer i's attn_fn (bound with functools.partial): appends the new k/v (n, Hkv, D) and attends
         the new q (n, H, D) over every cached key, causal within the new tokens. The first call (the
         prompt, nothing cached yet) is plain causal attention: the layer's own attn_fn `prefill` (the
-        Triton kernel on CUDA)."""
+        Triton kernel on CUDA). Qwen3.5's output gate is applied by the layer, after this."""
         n, past = q.shape[0], self.length
         if self.k[i] is None:
             self.k[i] = k.new_empty(self.capacity, *k.shape[1:])  # (capacity, Hkv, D)
@@ -71,6 +78,46 @@ class KVCache:
         o = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
                                            attn_mask=keep, enable_gqa=True)  # (H, n, D); head h reads kv h // (H/Hkv)
         return o.transpose(0, 1)  # (n, H, D)
+
+    def mix(self, i, qkv, b, a, conv_weight, A_log, dt_bias, cu_seqlens, head_k_dim, head_v_dim):
+        """Layer i's mix_fn: model.gated_delta_mix continued from the stored conv window and state (zero before
+        the prompt), which it then replaces. The prompt runs the chunked delta rule (Triton on CUDA); each
+        decoding step one step of the token-by-token recurrence from the stored state."""
+        (n, C), Hv, K = qkv.shape, b.shape[1], conv_weight.shape[-1]
+        Hk = (C - Hv * head_v_dim) // (2 * head_k_dim)
+        window = self.conv[i] if self.conv[i] is not None else qkv.new_zeros(K - 1, C)
+        x = torch.cat([window, qkv])  # (K-1+n, C): a zero window is the conv's own zero padding
+        self.conv[i] = x[x.shape[0] - (K - 1):]
+        whole = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
+        qkv = M.causal_conv1d_varlen(x, conv_weight.squeeze(1), whole)[K - 1:]  # (n, C)
+        # From here on as in model.gated_delta_mix: one l2-normalised q/k per value head, the gates in fp32.
+        q, k, v = qkv.split([Hk * head_k_dim, Hk * head_k_dim, Hv * head_v_dim], dim=-1)
+        q = M.l2norm(q.reshape(n, Hk, head_k_dim)).repeat_interleave(Hv // Hk, dim=1)  # (n, Hv, Dk)
+        k = M.l2norm(k.reshape(n, Hk, head_k_dim)).repeat_interleave(Hv // Hk, dim=1)  # (n, Hv, Dk)
+        v = v.reshape(n, Hv, head_v_dim)  # (n, Hv, Dv)
+        beta = b.sigmoid()
+        g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())  # (n, Hv)
+        rule = chunk_gated_delta_rule if self.state[i] is None else gated_delta_rule_reference
+        o, self.state[i] = rule(q[None], k[None], v[None], g[None], beta[None], scale=head_k_dim ** -0.5,
+                                initial_state=self.state[i], output_final_state=True)  # state (1, Hv, Dk, Dv)
+        return o[0]  # (n, Hv, Dv)
+
+
+def swap_in(model, cache):
+    """Route every layer's token mixing through the cache; returns the function that puts the originals back."""
+    swaps = []  # (module, attribute, original)
+    for i, layer in enumerate(model.model.layers):
+        if getattr(layer, "layer_type", "full_attention") == "linear_attention":
+            swaps.append((layer.linear_attn, "mix_fn", layer.linear_attn.mix_fn))
+            layer.linear_attn.mix_fn = functools.partial(cache.mix, i)
+        else:
+            swaps.append((layer.self_attn, "attn_fn", layer.self_attn.attn_fn))
+            layer.self_attn.attn_fn = functools.partial(cache.attend, i, layer.self_attn.attn_fn)
+
+    def restore():
+        for module, name, fn in swaps:
+            setattr(module, name, fn)
+    return restore
 
 
 def next_token(logits, temperature, top_p, generator):
@@ -89,14 +136,11 @@ def next_token(logits, temperature, top_p, generator):
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None):
     """New token ids after prompt_ids (a list of ints), ending with the stop id when one was drawn. The
-    prompt goes through once; then each step feeds the last token at position past_len, and only that
-    position goes through the LM head."""
+    prompt goes through once (one sample); then each step feeds the last token at position cache.length,
+    and only that position goes through the LM head."""
     device = model.lm_head.weight.device
-    layers = [layer.self_attn for layer in model.model.layers]
-    originals = [a.attn_fn for a in layers]
-    cache = KVCache(len(layers), len(prompt_ids) + max_new_tokens)
-    for i, a in enumerate(layers):
-        a.attn_fn = functools.partial(cache.attend, i, a.attn_fn)
+    cache = Cache(len(model.model.layers), len(prompt_ids) + max_new_tokens)
+    restore = swap_in(model, cache)
     out, ids = [], torch.tensor(prompt_ids, dtype=torch.long, device=device)
     try:
         while len(out) < max_new_tokens:
@@ -110,8 +154,7 @@ def generate(model, prompt_ids, max_new_tokens, stop_ids=(), temperature=0.0, to
                 break
             ids = torch.tensor(out[-1:], dtype=torch.long, device=device)
     finally:
-        for a, fn in zip(layers, originals):  # the model is left as it was given
-            a.attn_fn = fn
+        restore()  # the model is left as it was given
     return out
 
 

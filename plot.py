@@ -73,7 +73,7 @@ def plot_metrics(out_dir, title, log=print):
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     lines = ax.get_lines() + lr_ax.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
-    ax.set_title(f"{title} ({steps[-1]} steps)")
+    ax.set_title(f"{title}{lora_note(out_dir)} ({steps[-1]} steps)")
     if panels == 2:
         for (key, points), style in zip(exact.items(), ("o-", "s--")):
             if points:
@@ -89,14 +89,28 @@ def plot_metrics(out_dir, title, log=print):
     return path
 
 
+def run_config(out_dir):
+    """The resolved config train.py writes to out_dir/run.json at the start of a run, or {}."""
+    try:
+        cfg = json.loads((Path(out_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def lora_note(out_dir):
+    """ ", LoRA r=8 alpha=16" for a LoRA run (its loss is not comparable with full fine-tuning's), else "". """
+    cfg = run_config(out_dir)
+    rank = cfg.get("lora_rank") or 0
+    return f", LoRA r={rank} alpha={cfg.get('lora_alpha')}" if isinstance(rank, int) and rank > 0 else ""
+
+
 def run_title(out_dir):
     """project/experiment from the run.json train.py writes, else the directory's name."""
-    run = Path(out_dir) / "run.json"
-    try:
-        cfg = json.loads(run.read_text())
+    cfg = run_config(out_dir)
+    if "project_name" in cfg and "experiment_name" in cfg:
         return f"{cfg['project_name']}/{cfg['experiment_name']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return Path(out_dir).resolve().name
+    return Path(out_dir).resolve().name
 
 
 if __name__ == "__main__":

@@ -515,6 +515,15 @@ def lr_lambda(total_steps, warmup_ratio, kind, *, warmup_steps=-1, min_lr_ratio=
     return f
 
 
+def data_keys(args):
+    """data.build_samples' keyword arguments from the flags (run and preflight read the data alike)."""
+    return dict(multiturn=args.multiturn, messages_key=args.messages_key, tools_key=args.tools_key,
+                prompt_key=args.prompt_key, response_key=args.response_key,
+                prompt_dict_keys=args.prompt_dict_keys, response_dict_keys=args.response_dict_keys,
+                chat_template=args.chat_template, enable_thinking_key=args.enable_thinking_key,
+                template_kwargs=args.apply_chat_template_kwargs, enable_thinking_default=args.enable_thinking_default)
+
+
 def reporter(args, out, rank, first_step, stop_at, log):
     """report(rec, saved=None): on rank 0 the console line, metrics.jsonl, wandb/tensorboard and, when a
     checkpoint was just saved, the loss curve beside the metrics; nothing on the other ranks."""
@@ -735,11 +744,7 @@ def run(args):
     # --- data: rank 0 tokenizes (and fills the cache) first, the others then read the cache
     tokenizer = data.load_tokenizer(args.partial_pretrain)
     pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
-    keys = dict(multiturn=args.multiturn, messages_key=args.messages_key, tools_key=args.tools_key,
-                prompt_key=args.prompt_key, response_key=args.response_key,
-                prompt_dict_keys=args.prompt_dict_keys, response_dict_keys=args.response_dict_keys,
-                chat_template=args.chat_template, enable_thinking_key=args.enable_thinking_key,
-                template_kwargs=args.apply_chat_template_kwargs, enable_thinking_default=args.enable_thinking_default)
+    keys = data_keys(args)
 
     def load(files):
         result = None
@@ -804,7 +809,7 @@ def run(args):
     # --- loop: one optimizer step per global batch; pos is where a resume after this step starts
     peak = M.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     report = reporter(args, out, rank, pos["step"], stop_at, log)
-    t_start = time.time()
+    t_start, first_step = time.time(), pos["step"]
     for epoch, indices, after in batches.schedule(len(train), args.train_batch_size, args.seed, args.total_epochs,
                                                   pos["epoch"], pos["next_batch"]):
         if pos["step"] >= stop_at:
@@ -846,14 +851,52 @@ def run(args):
             log(f"stopped by signal after step {step}; rerun the same command to resume from {saved}.")
             dist.destroy_process_group()
             return
-    log(f"done: {pos['step']} steps in {fmt_time(time.time() - t_start)}; checkpoints in {out}")
+    lora_note = f" of LoRA r={args.lora_rank} alpha={args.lora_alpha}" if args.lora_rank > 0 else ""
+    resumed = f" (resumed at step {first_step}, now at {pos['step']})" if first_step else ""
+    log(f"done: {pos['step'] - first_step} steps{lora_note}{resumed} in {fmt_time(time.time() - t_start)}; "
+        f"checkpoints in {out}")
     dist.destroy_process_group()
+
+
+def preflight(args, world_size):
+    """`python train.py --preflight=WORLD_SIZE ...`: in one process, before a launcher starts the workers,
+    everything a user can get wrong in a run of world_size processes: keys and values, batch arithmetic,
+    files, the model dir's config, the chat template, sp size against the heads, and every data row,
+    tokenised into the data cache (which rank 0 then reads instead of tokenising again). A user error
+    then stops the job with one line here, instead of in several workers at once, where one rank's
+    error leaves the others' collectives to fail with their own tracebacks."""
+    validate(args, world_size)
+    cfg = M.read_config(args.partial_pretrain)
+    args.chat_template = templates.detect(args.partial_pretrain, args.chat_template)  # as run() resolves it
+    parallel.check_sp_heads(args.sp_size, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    tokenizer = data.load_tokenizer(args.partial_pretrain)
+    keys = data_keys(args)
+    n_train = 0
+    for files in (args.train_files, args.val_files):
+        if files:
+            samples = data.build_samples(files, tokenizer, args.max_length, args.truncation,
+                                         cache_dir=Path(args.default_local_dir) / "data_cache",
+                                         tokenizer_path=Path(args.partial_pretrain) / "tokenizer.json",
+                                         log=functools.partial(print, flush=True), **keys)
+            n_train = n_train or len(samples)
+    if args.train_max_samples > 0:  # as run() keeps the first N
+        n_train = min(n_train, args.train_max_samples)
+    if n_train < args.train_batch_size:
+        raise ConfigError(f"data.train_batch_size={args.train_batch_size} exceeds the {n_train} training "
+                          "samples; lower data.train_batch_size.")
+    checkpoint.find_resume(Path(args.default_local_dir), args.resume_mode, args.resume_from_path)  # a broken pointer
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    # --preflight=N is ours, not a verl key: checks for a run of N processes, then exits (see preflight)
+    world = [a.split("=", 1)[1] for a in argv if a.startswith("--preflight=")]
+    argv = [a for a in argv if not a.startswith("--preflight=")]
     try:
-        run(parse_args(argv))
+        if world:
+            preflight(parse_args(argv), int(world[-1]))
+        else:
+            run(parse_args(argv))
     except (ConfigError, TrainingError, checkpoint.CheckpointError, data.DataError, M.ModelError,
             parallel.ParallelError, templates.TemplateError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
@@ -861,6 +904,11 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before the stop-and-save handler is set, or a second one: out at once
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("interrupted without saving this step; rerun the same command to resume from the last "
+                  "checkpoint, if any.", file=sys.stderr, flush=True)
+        sys.exit(130)  # 128 + SIGINT, the shell's convention for an interrupted command
 
 
 if __name__ == "__main__":

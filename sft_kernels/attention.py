@@ -349,20 +349,27 @@ def _cfg(block_m, block_n, warps, stages):
 
 
 # Candidates for Hopper (H100/H200: 228 KB shared memory, wgmma wants M >= 64 per warpgroup), keyed by head_dim
-# class (<= 64, 128). BLOCK_M is the query tile, BLOCK_N the key tile. dk/dv hold k, v and two (BLOCK_N, D) fp32
-# accumulators in registers, so its tiles are small or get 8 warps. Every candidate compiles for sm_90 with Triton
-# 3.9 without register spills (cuobjdump: at most 8 bytes of stack), which ruled out e.g. dk/dv (32, 128) with 4
-# warps and the D=128 forward (128, 64) with 4 warps. Triton 3.6 (another supported version) makes every causal
-# dk/dv candidate spill except the 2-stage ones, which are in the list for that reason. The last entry is the pick
-# for short samples. The autotuner drops a config that does not fit (OutOfResources), and on pre-Hopper GPUs the
-# deep pipelines are pruned first.
+# class (<= 64, 128, 256). BLOCK_M is the query tile, BLOCK_N the key tile. dk/dv hold k, v and two (BLOCK_N, D)
+# fp32 accumulators in registers, so its tiles are small or get 8 warps. Every candidate compiles for sm_90 with
+# Triton 3.9 without register spills and within 227 KiB of shared memory per block (tests/test_kernel_compile.py
+# compiles each one, bf16, causal or not), which ruled out e.g. dk/dv (32, 128) with 4 warps, the D=128 causal
+# dk/dv (32, 64) with 3 stages and the D=128 forward (128, 64) with 4 warps. At D=256 one (128, 256) fp32
+# accumulator is already 128 registers a thread at 8 warps: forward and dq keep 8 warps (4 only with 64 x 32
+# tiles; the forward's (128, 64) spills when not causal), and dk/dv spill at every 64-key tile, every 4-warp tile
+# and at 16 warps (capped at 128 registers), which leaves (<= 32, 32) with 8 warps. Triton 3.6 (another supported
+# version) makes every causal D<=128 dk/dv candidate spill except the 2-stage ones, which are in the list for that
+# reason. The last entry is the pick for short samples. The autotuner drops a config that does not fit
+# (OutOfResources), and on pre-Hopper GPUs the deep pipelines are pruned first.
 _TUNE = {
     "fwd": {64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
-            128: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3)]},
+            128: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3)],
+            256: [_cfg(128, 32, 8, 3), _cfg(128, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(64, 32, 4, 3)]},
     "dkdv": {64: [_cfg(32, 128, 8, 3), _cfg(32, 128, 8, 4), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 3)],
-             128: [_cfg(16, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(16, 128, 8, 2), _cfg(32, 64, 8, 2)]},
+             128: [_cfg(16, 128, 8, 3), _cfg(16, 64, 8, 3), _cfg(16, 128, 8, 2), _cfg(32, 64, 8, 2)],
+             256: [_cfg(32, 32, 8, 3), _cfg(16, 32, 8, 3), _cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2)]},
     "dq": {64: [_cfg(128, 32, 4, 5), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
-           128: [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)]},
+           128: [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)],
+           256: [_cfg(128, 32, 8, 2), _cfg(64, 32, 8, 3), _cfg(64, 32, 8, 2)]},
 }
 # fp32 on a GPU (tests only): exact fp32 dots run on CUDA cores and need small tiles (they still spill at D=128).
 _FP32 = {"fwd": _cfg(32, 32, 4, 2), "dkdv": _cfg(32, 32, 4, 2), "dq": _cfg(32, 32, 4, 2)}
@@ -370,10 +377,14 @@ _FP32 = {"fwd": _cfg(32, 32, 4, 2), "dkdv": _cfg(32, 32, 4, 2), "dq": _cfg(32, 3
 _INTERP = {"fwd": _cfg(32, 16, 4, 1), "dkdv": _cfg(16, 32, 4, 1), "dq": _cfg(32, 16, 4, 1)}
 
 
+def _candidates(kind, head_dim):
+    """The Hopper block configs of one kernel ("fwd", "dkdv", "dq") at one head_dim (tests compile each for sm_90)."""
+    return _TUNE[kind][min(c for c in _TUNE[kind] if c >= head_dim)]
+
+
 def _pruner(kind):
     def prune(configs, named_args, **kwargs):
-        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        candidates = _TUNE[kind][64 if head_dim <= 64 else 128]
+        candidates = _candidates(kind, kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
         if torch.cuda.get_device_capability(named_args["Q"].device)[0] < 9:
             candidates = [c for c in candidates if c.num_stages <= 3] or candidates[-1:]
         if kwargs.get("SEQ_BUCKET", named_args.get("SEQ_BUCKET")) <= 256:
@@ -425,7 +436,8 @@ def _dkdv_splits(k, group):
     if not k.is_cuda:
         return 1
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count
-    programs = triton.cdiv(k.shape[0], 128) * k.shape[1]  # at BLOCK_N = 128
+    block_n = max(c.kwargs["BLOCK_N"] for c in _candidates("dkdv", k.shape[2]))  # 128, or 32 at D=256
+    programs = triton.cdiv(k.shape[0], block_n) * k.shape[1]
     for splits in range(1, group + 1):
         if group % splits == 0 and programs * splits >= 4 * sms:  # ~4 programs per SM: balances the causal tail
             return splits
@@ -494,8 +506,8 @@ def _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     if k.shape != v.shape or k.dim() != 3 or k.shape[2] != D or H % k.shape[1] != 0:
         raise ValueError(f"flash_attn_varlen_func: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must "
                          "be (T, H, D), (Tk, Hkv, D), (Tk, Hkv, D) with H % Hkv == 0")
-    if D not in (16, 32, 64, 128):
-        raise ValueError(f"flash_attn_varlen_func: head_dim {D} is not supported (16, 32, 64 or 128)")
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"flash_attn_varlen_func: head_dim {D} is not supported (16, 32, 64, 128 or 256)")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"flash_attn_varlen_func: q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} must be equal and "
                          "one of fp16, bf16, fp32")

@@ -4,11 +4,14 @@
 
 1. Correctness: bf16 forward and gradients vs a float64 reference on a small ragged batch.
 2. Speed: forward and forward+backward, causal, 16k tokens packed as 8 x 2k, 2 x 8k, 1 x 16k, for
-   D=64 (14 / 2 heads, Qwen2.5-0.5B) and D=128 (16 / 2 heads). SDPA gets the same samples as a padded
+   D=64 (14 / 2 heads, Qwen2.5-0.5B), D=128 (16 / 2 heads) and D=256 (8 / 2 heads, Qwen3.5-0.8B's full
+   attention layers). SDPA gets the same samples as a padded
    (B, H, s, D) batch with K/V heads expanded beforehand (the expansion is not timed).
 FLOPs (causal): forward 4 * s^2 * H * D / 2 per sample; backward 2.5x forward; forward+backward 3.5x.
-The first call of each shape autotunes the kernels (compiles included), so the script takes 1-2 minutes.
+The first call of each shape autotunes the kernels (compiles included), so the script takes 2-3 minutes.
+`--head-dim 256` (repeatable) benches only the shapes of those head dims.
 """
+import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -22,7 +25,7 @@ from sft_kernels.attention import (_dkdv_tuned, _dq_tuned, _fwd_tuned, attention
                                flash_attn_varlen_func)
 
 TOKENS = 16384
-SHAPES = [(64, 14, 2), (128, 16, 2)]  # (D, H, Hkv)
+SHAPES = [(64, 14, 2), (128, 16, 2), (256, 8, 2)]  # (D, H, Hkv)
 SEQLENS = [2048, 8192, 16384]
 
 
@@ -120,16 +123,21 @@ def bench_shape(D, H, Hkv, s):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dim", type=int, action="append", choices=sorted({D for D, _, _ in SHAPES}),
+                        help="bench only the shapes with this head_dim (repeatable; default: all)")
+    head_dims = parser.parse_args().head_dim
+    shapes = [shape for shape in SHAPES if not head_dims or shape[0] in head_dims]
     if not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU (the CPU tests are tests/test_attention.py); nothing to do.")
         return 0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}\n")
-    ok = all([check_correctness(D, H, Hkv) for D, H, Hkv in SHAPES])
+    ok = all([check_correctness(D, H, Hkv) for D, H, Hkv in shapes])
     print()
     print("| D | H/Hkv | samples | fwd TFLOP/s | SDPA fwd | ratio | fwd+bwd TFLOP/s | SDPA fwd+bwd | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for D, H, Hkv in SHAPES:
+    for D, H, Hkv in shapes:
         for s in SEQLENS:
             f, sf, fb, sfb = bench_shape(D, H, Hkv, s)
             print(f"| {D} | {H}/{Hkv} | {TOKENS // s} x {s} | {f:.0f} | {sf:.0f} | {f / sf:.2f} | {fb:.0f} | "

@@ -12,3 +12,14 @@ sys.path.insert(0, str(ROOT))
 
 # ../shared/reference exists in CI and in the team's checkouts, not in a user's clone.
 REFERENCE = ROOT.parent / "shared" / "reference"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Without ../shared, one line saying how many tests it skipped (-q output lists no skip reasons)."""
+    if REFERENCE.is_dir():
+        return
+    reasons = [r.longrepr[2] for r in terminalreporter.stats.get("skipped", [])
+               if isinstance(r.longrepr, tuple) and len(r.longrepr) == 3]
+    n = sum("shared/reference" in reason for reason in reasons)
+    terminalreporter.write_line(f"{n} tests skipped because the shared reference files ({REFERENCE}) are absent; "
+                                "the other tests ran.")

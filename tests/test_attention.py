@@ -56,7 +56,7 @@ def check_against_reference(q, k, v, do, lens_q, lens_k, causal, **kw):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Accuracy on ragged batches (GQA ratios 1, 2, 7; head_dim 16, 32, 64)
+# Accuracy on ragged batches (GQA ratios 1, 2, 4, 7; head_dim 16, 32, 64, 256)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -65,6 +65,16 @@ def check_against_reference(q, k, v, do, lens_q, lens_k, causal, **kw):
 def test_ragged_batch_matches_reference(H, Hkv, D, causal, dtype):
     q, k, v, do = make_inputs(RAGGED, RAGGED, H, Hkv, D, dtype)
     check_against_reference(q, k, v, do, RAGGED, RAGGED, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_head_dim_256_matches_reference(causal, dtype):
+    # Qwen3.5's full attention (0.8B: 8 / 2 heads of 256, so 4 query heads per kv head); samples shorter than RAGGED
+    # keep the interpreter quick but still cover length 1, an empty sample and several blocks
+    lens = [1, 17, 0, 40]
+    q, k, v, do = make_inputs(lens, lens, 4, 1, 256, dtype, seed=9)
+    check_against_reference(q, k, v, do, lens, lens, causal)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 4])
@@ -123,7 +133,7 @@ def test_unsupported_head_dim_is_rejected():
 
 @cuda_only
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("H,Hkv,D", [(14, 2, 64), (16, 2, 128), (7, 1, 64)])
+@pytest.mark.parametrize("H,Hkv,D", [(14, 2, 64), (16, 2, 128), (7, 1, 64), (8, 2, 256)])
 def test_bf16_matches_reference_gpu(H, Hkv, D, causal):
     lens = [1, 100, 777, 2048, 33]
     q, k, v, do = make_inputs(lens, lens, H, Hkv, D, torch.bfloat16, seed=6)

@@ -147,3 +147,14 @@ def test_tool_outputs_are_real(built):
             # The boxed answer is one of the printed values (\frac{a}{b} prints as a/b).
             boxed = re.search(r"\\boxed\{(.*)\}$", messages[-1]["content"]).group(1)
             assert re.sub(r"\\frac\{(\d+)\}\{(\d+)\}", r"\1/\2", boxed) in messages[-2]["content"].split()
+
+
+def test_ships_the_official_qwen25_template(built):
+    # `auto` recognises it (run.sh, generate.py and inspect need no template flag), and it is the
+    # official text byte for byte, in tokenizer_config.json as a real Qwen2.5 dir has it.
+    assert templates.detect(built["model"]) == "qwen2.5"
+    cfg = json.loads((built["model"] / "tokenizer_config.json").read_text())
+    ref = REFERENCE / "qwen2.5-0.5b-instruct"
+    if ref.is_dir():
+        assert cfg["chat_template"] == (ref / "chat_template.jinja").read_text()
+        assert list(cfg) == list(json.loads((ref / "tokenizer_config.json").read_text()))  # same keys, same order

@@ -362,6 +362,14 @@ def test_plot_second_panel_shows_exact_turns(tmp_path):
     assert pixels[470:680].std() > 0.05  # the lower panel is drawn
 
 
+def test_plot_title_says_lora(tmp_path):
+    # The title comes from the run.json train.py writes: a LoRA run says so (its loss is not a full run's).
+    (tmp_path / "run.json").write_text(json.dumps(dict(project_name="p", experiment_name="e", lora_rank=8, lora_alpha=16)))
+    assert (plot.run_title(tmp_path), plot.lora_note(tmp_path)) == ("p/e", ", LoRA r=8 alpha=16")
+    (tmp_path / "run.json").write_text(json.dumps(dict(project_name="p", experiment_name="e", lora_rank=0)))
+    assert plot.lora_note(tmp_path) == "" and plot.lora_note(tmp_path / "absent") == ""
+
+
 def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
     write_metrics(tmp_path / "metrics.jsonl", [(1, 2.0), (2, 1.5)])
     for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")] + ["matplotlib"]:
