@@ -17,7 +17,7 @@ attn_fn / mix_fn for the duration of a generate call.
 --score replies greedily in place of every assistant turn with tool calls (every turn: --all_turns), parses
 the reply's tool calls in the template's format (templates.parse_tool_calls) and prints a table: replies that
 stop at <|im_end|>, that hold >= 1 tool-call block and all parse, whose names are all the row's tools, whose
-arguments all satisfy the tool's parameter schema (check_arguments), and whose calls equal the reference's
+arguments all satisfy the tool's parameter schema (templates.check_arguments), and whose calls equal the reference's
 (names and arguments as parsed objects, in order). Each level counts only turns that passed the one above.
 """
 import argparse
@@ -197,30 +197,6 @@ def stop_ids(model_dir, tokenizer):
 
 # --------------------------------------------------------------------------- scoring tool calls
 
-JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
-              "object": dict, "null": type(None)}
-
-
-def check_arguments(args, schema):
-    """Whether arguments satisfy a tool's parameters schema, as far as we check: every required key is
-    there, no key is undeclared (when the schema lists properties), each value has the property's JSON
-    type (or one of a list of types) and is one of its enum values. Nested schemas are not descended."""
-    props = schema.get("properties")
-    if any(k not in args for k in schema.get("required") or []) or (props and any(k not in props for k in args)):
-        return False
-    for key, value in args.items():
-        prop = (props or {}).get(key) or {}
-        kinds = prop.get("type", [])
-        kinds = [kinds] if isinstance(kinds, str) else kinds
-        # bool is an int in Python, not in JSON
-        if kinds and not any(isinstance(value, JSON_TYPES.get(t, object)) and not (isinstance(value, bool) and t in
-                                                                                   ("integer", "number")) for t in kinds):
-            return False
-        if "enum" in prop and value not in prop["enum"]:
-            return False
-    return True
-
-
 LEVELS = (("stopped", "replies that stop at <|im_end|>"), ("parsed", "hold tool-call blocks that all parse"),
           ("names", "name only tools of the row"), ("schema", "have arguments that satisfy the schema"),
           ("equal", "equal the reference calls"))
@@ -232,7 +208,7 @@ def score_turn(family, reply, stopped, reference_calls, tools):
     schemas = templates._tool_schemas(tools)
     parsed = bool(calls) and None not in calls
     names = parsed and all(c["name"] in schemas for c in calls)
-    schema = names and all(check_arguments(c["arguments"], schemas[c["name"]]) for c in calls)
+    schema = names and all(templates.check_arguments(c["arguments"], schemas[c["name"]]) for c in calls)
     reference = [{"name": c["name"], "arguments": json.loads(c["arguments"]) if isinstance(c["arguments"], str)
                   else c["arguments"] or {}} for c in reference_calls]
     return dict(stopped=stopped, parsed=parsed, names=names, schema=schema, equal=stopped and calls == reference,

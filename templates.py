@@ -497,3 +497,27 @@ def parse_tool_calls(family, text, tools=None):
                 call = obj
         calls.append(call)
     return calls
+
+
+JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
+              "object": dict, "null": type(None)}
+
+
+def check_arguments(args, schema):
+    """Whether arguments satisfy a tool's parameters schema, as far as we check: every required key is
+    there, no key is undeclared (when the schema lists properties), each value has the property's JSON
+    type (or one of a list of types) and is one of its enum values. Nested schemas are not descended."""
+    props = schema.get("properties")
+    if any(k not in args for k in schema.get("required") or []) or (props and any(k not in props for k in args)):
+        return False
+    for key, value in args.items():
+        prop = (props or {}).get(key) or {}
+        kinds = prop.get("type", [])
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        # bool is an int in Python, not in JSON
+        if kinds and not any(isinstance(value, JSON_TYPES.get(t, object)) and not (isinstance(value, bool) and t in
+                                                                                   ("integer", "number")) for t in kinds):
+            return False
+        if "enum" in prop and value not in prop["enum"]:
+            return False
+    return True

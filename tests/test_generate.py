@@ -274,12 +274,12 @@ def test_score_turn_levels(family):
 
 def test_check_arguments():
     schema = SCHEMA_TOOLS[0]["function"]["parameters"]
-    assert generate.check_arguments({"code": "", "opts": None}, schema)
-    assert not generate.check_arguments({"n": 1}, schema)  # required key missing
-    assert not generate.check_arguments({"code": "", "extra": 1}, schema)  # undeclared key
-    assert not generate.check_arguments({"code": "", "n": True}, schema)  # a bool is no JSON integer
-    assert not generate.check_arguments({"code": "", "n": 1.5}, schema)
-    assert not generate.check_arguments({"code": "", "mode": "c"}, schema)  # not in the enum
+    assert templates.check_arguments({"code": "", "opts": None}, schema)
+    assert not templates.check_arguments({"n": 1}, schema)  # required key missing
+    assert not templates.check_arguments({"code": "", "extra": 1}, schema)  # undeclared key
+    assert not templates.check_arguments({"code": "", "n": True}, schema)  # a bool is no JSON integer
+    assert not templates.check_arguments({"code": "", "n": 1.5}, schema)
+    assert not templates.check_arguments({"code": "", "mode": "c"}, schema)  # not in the enum
 
 
 def test_cli_score_table_and_jsonl(tiny_demo, tmp_path, capsys, monkeypatch):
