@@ -66,5 +66,7 @@ fi
 if [ "${NODE_RANK:-0}" = 0 ] && [ -f "$SAVE_PATH/latest_checkpointed_iteration.txt" ]; then
   ckpt=$SAVE_PATH/global_step_$(cat "$SAVE_PATH/latest_checkpointed_iteration.txt")/huggingface
   "$PYTHON" generate.py "$ckpt" --data "$EVAL_DATA" --rows 0 --turn 0 --max_new_tokens 200
+  # ... and how its free-running tool calls score: every tool-call turn of the first validation rows
+  "$PYTHON" generate.py "$ckpt" --data "$EVAL_DATA" --rows "0:${SCORE_ROWS:-16}" --score --max_new_tokens 200
   echo "run.sh: loss curve in $SAVE_PATH/loss.png"
 fi
