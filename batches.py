@@ -6,9 +6,13 @@ dp rank's share of one (contiguous, or token-balanced with data.use_dynamic_bsz)
 or padded to the longest sample in the same layout), sliced for Ulysses (sp_size ranks hold contiguous
 slices of one stream) and moved to the device. train.py asks once per step: micro_batches(...).
 
-A sample is (ids, mask): int64 token ids and a uint8 mask of the trained tokens (data.py).
-A micro-batch is {input_ids, position_ids, labels (T,), cu_seqlens (B+1,) int32, max_seqlen}.
+A sample is (ids, mask, turn, calls) as data.py makes it, or just (ids, mask) (no turns to measure).
+A micro-batch is {input_ids, position_ids, labels, turns (T,), cu_seqlens (B+1,) int32, max_seqlen}; turns[t] is
+the assistant turn the target labels[t] belongs to, numbered across the whole global batch (the first turn
+of its k-th sample is the number of turns in samples 0..k-1, so every rank, dp or sp, numbers it alike:
+the validation metrics add up per turn over ranks), -1 where no turn is trained.
 """
+import functools
 import heapq
 
 import numpy as np
@@ -87,8 +91,11 @@ def micro_batches(samples, batch_indices, *, dp_rank, dp_size, sp_rank=0, sp_siz
         shards = balanced_shards([len(samples[i][0]) for i in batch_indices], batch_indices, dp_size)
         groups = [token_budget_micro_batches([len(samples[i][0]) for i in s], max_tokens) for s in shards]
     mine = [samples[i] for i in shards[dp_rank]]
-    collate = pack if packed else lambda chunk: pad(chunk, pad_id)
-    micro = [collate([mine[i] for i in g]) for g in groups[dp_rank]]
+    counts = [len(samples[i][3]) if len(samples[i]) > 3 else 0 for i in batch_indices]
+    first_turn = dict(zip(batch_indices.tolist(), np.cumsum([0] + counts)[:-1].tolist()))  # sample -> its first turn id
+    bases = [first_turn[i] for i in shards[dp_rank].tolist()]
+    collate = pack if packed else functools.partial(pad, pad_id=pad_id)
+    micro = [collate([mine[i] for i in g], [bases[i] for i in g]) for g in groups[dp_rank]]
     empty = (np.array([pad_id], dtype=np.int64), np.zeros(1, dtype=np.uint8))
     micro += [pack([empty])] * (max(map(len, groups)) - len(micro))
     if sp_size > 1:
@@ -123,9 +130,9 @@ def token_budget_micro_batches(lengths, max_tokens):
     return [sorted(b) for b in batches]
 
 
-def pack(samples):
-    """B samples (ids, mask) -> one varlen stream of T = sum(L) tokens."""
-    lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
+def pack(samples, bases=None):
+    """B samples -> one varlen stream of T = sum(L) tokens; bases: each sample's first global turn id."""
+    lengths = np.array([len(s[0]) for s in samples], dtype=np.int64)
     ids = np.concatenate([s[0] for s in samples]).astype(np.int64)  # (T,)
     mask = np.concatenate([s[1] for s in samples])  # (T,)
     cu = np.concatenate([[0], np.cumsum(lengths)])  # (B+1,)
@@ -134,21 +141,28 @@ def pack(samples):
     labels = np.full(len(ids), -100, dtype=np.int64)
     labels[:-1] = np.where(mask[1:] > 0, ids[1:], -100)
     labels[cu[1:] - 1] = -100
+    # turns[t]: the global turn of the target ids[t+1], -1 where labels[t] trains no assistant turn
+    bases = np.zeros(len(samples), dtype=np.int64) if bases is None else np.asarray(bases, dtype=np.int64)
+    turn = np.concatenate([s[2] if len(s) > 2 else np.full(len(s[0]), -1) for s in samples]).astype(np.int64)
+    turn = np.where(turn >= 0, turn + np.repeat(bases, lengths), -1)  # (T,)
+    turns = np.full(len(ids), -1, dtype=np.int64)
+    turns[:-1] = np.where(labels[:-1] != -100, turn[1:], -1)
     positions = np.arange(len(ids)) - np.repeat(cu[:-1], lengths)  # (T,) restarts at 0 per sample
     return {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions),
             "cu_seqlens": torch.from_numpy(cu.astype(np.int32)), "max_seqlen": int(lengths.max()),
-            "labels": torch.from_numpy(labels)}
+            "labels": torch.from_numpy(labels), "turns": torch.from_numpy(turns)}
 
 
-def pad(samples, pad_id):
+def pad(samples, bases=None, pad_id=0):
     """B samples right-padded to the longest L, in the packed layout (T = B * L, cu_seqlens = k * L).
 
     Padding is untrained and follows each sample's real tokens, so under causal attention within
     a row no real token sees it: the padded batch computes what the packed one does.
     """
-    L = max(len(ids) for ids, _ in samples)
-    return pack([(np.pad(ids, (0, L - len(ids)), constant_values=pad_id), np.pad(mask, (0, L - len(mask))))
-                 for ids, mask in samples])
+    L = max(len(s[0]) for s in samples)
+    return pack([(np.pad(s[0], (0, L - len(s[0])), constant_values=pad_id), np.pad(s[1], (0, L - len(s[0]))),
+                  np.pad(s[2] if len(s) > 2 else np.full(len(s[0]), -1), (0, L - len(s[0])), constant_values=-1))
+                 for s in samples], bases)
 
 
 def sp_slice(batch, sp_rank, sp_size, pad_id):
@@ -164,9 +178,10 @@ def sp_slice(batch, sp_rank, sp_size, pad_id):
         out["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"].new_full((n_pad,), pad_id)])
         out["position_ids"] = torch.cat([batch["position_ids"], torch.arange(n_pad, dtype=batch["position_ids"].dtype)])
         out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((n_pad,), -100)])
+        out["turns"] = torch.cat([batch["turns"], batch["turns"].new_full((n_pad,), -1)])
         out["cu_seqlens"] = torch.cat([batch["cu_seqlens"], batch["cu_seqlens"].new_tensor([T + n_pad])])
         out["max_seqlen"] = max(batch["max_seqlen"], n_pad)
     Tl = (T + n_pad) // sp_size
-    for key in ("input_ids", "position_ids", "labels"):
+    for key in ("input_ids", "position_ids", "labels", "turns"):
         out[key] = out[key][sp_rank * Tl:(sp_rank + 1) * Tl]
     return out

@@ -1,5 +1,10 @@
 """Data: parquet / JSON rows -> chat text -> token ids + target mask (samples; batches.py batches them).
 
+A sample is (ids int64[L], mask uint8[L], turn int32[L], calls uint8[K]): the tokens, which are trained,
+which of the sample's K trained assistant turns each token belongs to (-1: none: prompt, tool output,
+or a trained non-assistant message), and which of those turns carry tool calls. The turns feed the
+validation metrics (val/turn_exact, val/tool_call_exact); training reads ids and mask only.
+
 Rows are read here and normalised by templates.normalise (the one message contract); the chat
 templates are written out by hand in templates.py (no jinja at runtime), so the trained character
 spans come from the same code that writes the text. Training and `inspect` encode through the same
@@ -24,6 +29,9 @@ from tokenizers import Tokenizer
 
 import templates
 from templates import DataError  # the message contract raises it as well
+
+CACHE_FORMAT = 2  # the sample layout in the cache file: 2 added turn and calls; an older file is rebuilt
+
 
 def load_tokenizer(model_dir):
     path = Path(model_dir)
@@ -170,8 +178,9 @@ def read_rows(files, *, multiturn=True, messages_key="messages", tools_key="tool
 
 # --------------------------------------------------------------------------- tokens and mask
 
-def _ids_and_mask(enc, spans):
-    """A token is trained when any character it covers is in a trained span."""
+def _ids_and_mask(enc, spans, replies=None):
+    """A token is trained when any character it covers is in a trained span. With replies (templates.render's
+    (start, end, has_tool_calls) per trained assistant reply) also the sample's turn and calls arrays."""
     ids = np.asarray(enc.ids, dtype=np.int64)
     offsets = enc.offsets  # a list of (start, end) char offsets; flattened, far faster than asarray
     offsets = np.fromiter(itertools.chain.from_iterable(offsets), np.int64, 2 * len(offsets)).reshape(-1, 2)  # (T, 2)
@@ -182,7 +191,14 @@ def _ids_and_mask(enc, spans):
     a, b = np.sort(spans[:, 0]), np.sort(spans[:, 1])
     # [start, end) meets span [a, b) iff a < end and b > start. Every span with b <= start also has
     # a < end, so (#spans with a < end) - (#spans with b <= start) counts the spans a token meets.
-    return ids, (np.searchsorted(a, end, "left") - np.searchsorted(b, start, "right") > 0).astype(np.uint8)
+    mask = (np.searchsorted(a, end, "left") - np.searchsorted(b, start, "right") > 0).astype(np.uint8)
+    if replies is None:
+        return ids, mask
+    r = np.array([(a, b) for a, b, _ in replies], dtype=np.int64).reshape(-1, 2)  # (K, 2), disjoint, in order
+    last = np.searchsorted(r[:, 0], end, "left") - 1  # the last reply starting before the token ends
+    meets = (last >= 0) & (r[np.maximum(last, 0), 1] > start) if len(r) else np.zeros(len(ids), dtype=bool)
+    turn = np.where(meets, last, -1).astype(np.int32)
+    return ids, mask, turn, np.array([c for _, _, c in replies], dtype=np.uint8)
 
 
 def encode(tokenizer, text, spans):
@@ -190,14 +206,16 @@ def encode(tokenizer, text, spans):
     return _ids_and_mask(tokenizer.encode(text, add_special_tokens=False), spans)
 
 
-def _truncate(ids, mask, max_length, truncation, where):
+def _truncate(ids, mask, turn, calls, max_length, truncation, where):
     if max_length is not None and len(ids) > max_length:
         if truncation == "error":
             raise DataError(f"{where} has {len(ids)} tokens, more than data.max_length={max_length}; "
                             "raise data.max_length or set data.truncation=left or right.")
         keep = slice(len(ids) - max_length, None) if truncation == "left" else slice(0, max_length)
-        ids, mask = ids[keep], mask[keep]  # the mask stays aligned with the ids kept
-    return ids, mask
+        # mask and turn stay aligned with the ids kept; a turn cut away entirely keeps its calls entry
+        # but has no trained token left, so the metrics do not count it
+        ids, mask, turn = ids[keep], mask[keep], turn[keep]
+    return ids, mask, turn, calls
 
 
 
@@ -218,7 +236,8 @@ def _load_cache(path, key, log):
     try:
         with np.load(path, allow_pickle=False) as z:
             ids, mask, lengths = z["ids"], z["mask"], z["lengths"]
-            if str(z["key"]) != key or _sha256(arrays=(ids, mask, lengths)) != str(z["digest"]):
+            turn, calls, n_turns = z["turn"], z["calls"], z["n_turns"]
+            if str(z["key"]) != key or _sha256(arrays=(ids, mask, lengths, turn, calls, n_turns)) != str(z["digest"]):
                 raise ValueError("stored hash does not match")
             counts = (int(z["dropped"]), int(z["unrendered"]))
     except FileNotFoundError:
@@ -226,24 +245,28 @@ def _load_cache(path, key, log):
     except Exception as e:
         log(f"warning: data cache {path} is corrupt or stale ({e}); rebuilding it.")
         return None, (0, 0)
-    cuts = np.cumsum(lengths)[:-1]
-    return list(zip(np.split(ids.astype(np.int64), cuts), np.split(mask, cuts))), counts
+    cuts, turn_cuts = np.cumsum(lengths)[:-1], np.cumsum(n_turns)[:-1]
+    return list(zip(np.split(ids.astype(np.int64), cuts), np.split(mask, cuts), np.split(turn, cuts),
+                    np.split(calls, turn_cuts))), counts
 
 
 def _save_cache(path, key, samples, counts):
     ids = np.concatenate([s[0] for s in samples]).astype(np.int32)  # vocab < 2**31: half the file
     mask = np.concatenate([s[1] for s in samples])
     lengths = np.array([len(s[0]) for s in samples], dtype=np.int64)
+    turn, calls = np.concatenate([s[2] for s in samples]), np.concatenate([s[3] for s in samples])
+    n_turns = np.array([len(s[3]) for s in samples], dtype=np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Every rank may build at once: each writes a private temp file, then renames it atomically.
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, ids=ids, mask=mask, lengths=lengths, key=np.array(key), dropped=counts[0], unrendered=counts[1],
-             digest=np.array(_sha256(arrays=(ids, mask, lengths))))
+    np.savez(tmp, ids=ids, mask=mask, lengths=lengths, turn=turn, calls=calls, n_turns=n_turns, key=np.array(key),
+             dropped=counts[0], unrendered=counts[1],
+             digest=np.array(_sha256(arrays=(ids, mask, lengths, turn, calls, n_turns))))
     os.replace(tmp, path)
 
 
 def _encoded(tokenizer, family, rows, kwargs, max_length, truncation, chunk_rows=512):
-    """Chunks [(where, messages, ids, mask)] of (where, messages, tools, enable_thinking) rows: the one
+    """Chunks [(where, messages, ids, mask, turn, calls)] of (where, messages, tools, enable_thinking) rows: the one
     encode path, which training and inspect both use. Rendered a chunk at a time, then tokenized with
     one encode_batch per chunk (the Rust side spreads it over all cores); kwargs go to every render."""
     rows = iter(rows)
@@ -254,9 +277,10 @@ def _encoded(tokenizer, family, rows, kwargs, max_length, truncation, chunk_rows
         with ThreadPoolExecutor(1) as pool:
             ahead = None
             while chunk := list(itertools.islice(rows, chunk_rows)):
-                rendered = [templates.render(family, messages, tools, enable_thinking=thinking, where=where, **kwargs)
+                rendered = [(*templates.render(family, messages, tools, enable_thinking=thinking, where=where,
+                                               replies=(replies := []), **kwargs), replies)
                             for where, messages, tools, thinking in chunk]  # the per-row render call
-                job = pool.submit(tokenizer.encode_batch, [text for text, _ in rendered], add_special_tokens=False)
+                job = pool.submit(tokenizer.encode_batch, [text for text, _, _ in rendered], add_special_tokens=False)
                 if ahead:
                     yield ahead[0], ahead[1], ahead[2].result()
                 ahead = (chunk, rendered, job)
@@ -264,8 +288,8 @@ def _encoded(tokenizer, family, rows, kwargs, max_length, truncation, chunk_rows
                 yield ahead[0], ahead[1], ahead[2].result()
 
     for chunk, rendered, encodings in encoded_chunks():
-        yield [(where, messages, *_truncate(*_ids_and_mask(enc, spans), max_length, truncation, where))
-               for (where, messages, _, _), (_, spans), enc in zip(chunk, rendered, encodings)]
+        yield [(where, messages, *_truncate(*_ids_and_mask(enc, spans, replies), max_length, truncation, where))
+               for (where, messages, _, _), (_, spans, replies), enc in zip(chunk, rendered, encodings)]
 
 
 def _tokenize_rows(tokenizer, family, paths, keys, kwargs, max_length, truncation, log, chunk_rows=512):
@@ -274,11 +298,11 @@ def _tokenize_rows(tokenizer, family, paths, keys, kwargs, max_length, truncatio
     samples, dropped, unrendered, done, total = [], 0, 0, 0, None
     t_start = t_log = time.time()
     for chunk in _encoded(tokenizer, family, _iter_rows(paths, **keys), kwargs, max_length, truncation, chunk_rows):
-        for where, messages, ids, mask in chunk:
+        for where, messages, ids, mask, turn, calls in chunk:
             # Qwen2.5 and 2507 Instruct templates write no reasoning: count the rows that lose some.
             unrendered += family not in templates.THINKING and any(m.get("reasoning_content") for m in messages)
             if mask.any():
-                samples.append((ids, mask))
+                samples.append((ids, mask, turn, calls))
             else:
                 dropped += 1
         done += len(chunk)
@@ -309,7 +333,8 @@ def build_samples(files, tokenizer, max_length, truncation="error", *, chat_temp
                   cache_dir=None, tokenizer_path=None, multiturn=True, messages_key="messages", tools_key="tools",
                   prompt_key="question", response_key="answer", prompt_dict_keys=None, response_dict_keys=None,
                   log=print):
-    """Every row of files as (ids int64[L], mask uint8[L]); rows with nothing to train are dropped.
+    """Every row of files as a sample (ids, mask, turn, calls; the module docstring); rows with nothing to
+    train are dropped.
 
     chat_template is a resolved family (templates.detect), not auto. template_kwargs (verl's
     data.apply_chat_template_kwargs) go to every row's render; a row's enable_thinking column
@@ -333,10 +358,10 @@ def build_samples(files, tokenizer, max_length, truncation="error", *, chat_temp
                else hashlib.sha256(tokenizer.to_str().encode()).hexdigest())
         # data.py's and templates.py's own sources are part of the key: a change to rendering must
         # not reuse old ids. keys holds the enable_thinking default; kwargs the other template kwargs.
-        key = hashlib.sha256(json.dumps([[_sha256(p) for p in paths], tok, max_length, truncation, keys,
+        key = hashlib.sha256(json.dumps([CACHE_FORMAT, [_sha256(p) for p in paths], tok, max_length, truncation, keys,
                                          sorted(kwargs.items()), chat_template, _sha256(__file__),
                                          _sha256(templates.__file__)]).encode()).hexdigest()
-        cache = Path(cache_dir) / f"samples-{key[:20]}.npz"
+        cache = Path(cache_dir) / f"samples-v{CACHE_FORMAT}-{key[:20]}.npz"
         samples, (dropped, unrendered) = _load_cache(cache, key, log)
     if samples is None:
         samples, dropped, unrendered = _tokenize_rows(tokenizer, chat_template, paths, keys, kwargs, max_length,
@@ -392,7 +417,7 @@ def inspect(args):
     total = trained = 0
     # The trainer's own encode path, on the selected rows only.
     chunks = _encoded(tokenizer, family, itertools.islice(rows, lo, hi), kwargs, args.max_length, args.truncation)
-    for r, (where, _, ids, mask) in enumerate(itertools.chain.from_iterable(chunks), lo):
+    for r, (where, _, ids, mask, _, _) in enumerate(itertools.chain.from_iterable(chunks), lo):
         total, trained = total + len(ids), trained + int(mask.sum())
         cuts = np.flatnonzero(np.diff(mask)) + 1  # print runs of equal mask; trained runs marked
         runs = [(tokenizer.decode(i.tolist(), skip_special_tokens=False), m[0])

@@ -1,6 +1,6 @@
 """Build the embedded default for `run.sh`: a tiny random Qwen2, its tokenizer, and ReTool-style data.
 
-    python demo.py OUT_DIR [--seed 0] [--train_rows 512] [--val_rows 64]
+    python demo.py OUT_DIR [--seed 0] [--train_rows 2048] [--val_rows 16]
 
 writes OUT_DIR/model/ (config.json, generation_config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json) and OUT_DIR/data/{train,val}.parquet. Everything is a pure function of the
@@ -306,7 +306,7 @@ def save_tokenizer(tok, model_dir):
 
 
 # --- everything
-def make_demo(out_dir, seed=0, train_rows=512, val_rows=64):
+def make_demo(out_dir, seed=0, train_rows=2048, val_rows=16):
     """Write model/ and data/ under out_dir; returns the paths of the model dir and the two parquets."""
     out_dir = Path(out_dir)
     paths = dict(model=out_dir / "model", train=out_dir / "data" / "train.parquet", val=out_dir / "data" / "val.parquet")
@@ -345,8 +345,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out_dir", help="where model/ and data/ are written (created if missing)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the rows, the tokenizer corpus and the weights")
-    ap.add_argument("--train_rows", type=int, default=512, help="rows in data/train.parquet")
-    ap.add_argument("--val_rows", type=int, default=64, help="rows in data/val.parquet")
+    ap.add_argument("--train_rows", type=int, default=2048, help="rows in data/train.parquet")
+    ap.add_argument("--val_rows", type=int, default=16, help="rows in data/val.parquet")
     args = ap.parse_args()
     if args.train_rows < 1 or args.val_rows < 1:
         ap.error("--train_rows and --val_rows must be at least 1 (the tokenizer and val/loss need rows).")

@@ -4,6 +4,7 @@
         [--temperature 0] [--top_p 1.0] [--seed 0] [--chat_template auto] [--enable_thinking true] [--jsonl OUT]
         [--apply_chat_template_kwargs '{"reasoning_effort": "low"}']
     python generate.py CHECKPOINT_DIR --prompt "What is 17 * 23?"
+    python generate.py CHECKPOINT_DIR --data VAL.parquet --score [--rows A:B] [--all_turns] [--jsonl OUT]
 
 CHECKPOINT_DIR is any HF model dir model.py loads: a run's global_step_N/huggingface/ or the
 original model. Each row's conversation before its LAST assistant turn (or --turn N) is rendered
@@ -12,6 +13,12 @@ a time until <|im_end|> or an eos id of generation_config.json. CUDA in bf16 whe
 Every family decodes through one cache: full-attention layers keep their keys and values, Qwen3.5's Gated
 DeltaNet layers their conv window and recurrent state; model.py is unchanged, the cache swaps in the layers'
 attn_fn / mix_fn for the duration of a generate call.
+
+--score replies greedily in place of every assistant turn with tool calls (every turn: --all_turns), parses
+the reply's tool calls in the template's format (templates.parse_tool_calls) and prints a table: replies that
+stop at <|im_end|>, that hold >= 1 tool-call block and all parse, whose names are all the row's tools, whose
+arguments all satisfy the tool's parameter schema (templates.check_arguments), and whose calls equal the reference's
+(names and arguments as parsed objects, in order). Each level counts only turns that passed the one above.
 """
 import argparse
 import functools
@@ -188,6 +195,34 @@ def stop_ids(model_dir, tokenizer):
     return {tokenizer.token_to_id(END), *(eos if isinstance(eos, list) else [eos])} - {None}
 
 
+# --------------------------------------------------------------------------- scoring tool calls
+
+LEVELS = (("stopped", "replies that stop at <|im_end|>"), ("parsed", "hold tool-call blocks that all parse"),
+          ("names", "name only tools of the row"), ("schema", "have arguments that satisfy the schema"),
+          ("equal", "equal the reference calls"))
+
+
+def score_turn(family, reply, stopped, reference_calls, tools):
+    """One turn's levels (each implies the one before, equal aside) and the reply's parsed calls."""
+    calls = templates.parse_tool_calls(family, reply, tools)
+    schemas = templates._tool_schemas(tools)
+    parsed = bool(calls) and None not in calls
+    names = parsed and all(c["name"] in schemas for c in calls)
+    schema = names and all(templates.check_arguments(c["arguments"], schemas[c["name"]]) for c in calls)
+    reference = [{"name": c["name"], "arguments": json.loads(c["arguments"]) if isinstance(c["arguments"], str)
+                  else c["arguments"] or {}} for c in reference_calls]
+    return dict(stopped=stopped, parsed=parsed, names=names, schema=schema, equal=stopped and calls == reference,
+                calls=calls)
+
+
+def score_table(records, what):
+    n = len(records)
+    lines = [f"=== score: {n} {what}", f"{'':44}{'count':>7}{'fraction':>10}", f"{'turns':44}{n:>7}{1:>10.3f}"]
+    lines += [f"{text:44}{sum(r[key] for r in records):>7}{sum(r[key] for r in records) / max(n, 1):>10.3f}"
+              for key, text in LEVELS]
+    return "\n".join(lines + ["schema: required keys, no undeclared keys, JSON types, enums (top level only)"])
+
+
 # --------------------------------------------------------------------------- CLI
 
 def run(args):
@@ -197,6 +232,8 @@ def run(args):
                             "SAVE_PATH/global_step_N/huggingface.")
     if (args.data is None) == (args.prompt is None):
         raise GenerateError("pass exactly one of --data FILE.parquet and --prompt TEXT.")
+    if args.score and (args.data is None or args.temperature > 0):
+        raise GenerateError("--score replies greedily to --data rows; pass --data FILE and no --temperature.")
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise GenerateError("--max_new_tokens must be >= 1, --temperature >= 0 and --top_p in (0, 1].")
     family = templates.detect(model_dir, args.chat_template, flag="--chat_template ")
@@ -209,9 +246,20 @@ def run(args):
                                              **kw)[0], None)]
     else:
         rows = data.read_rows(args.data)  # [(messages, tools)]: the one call into data.py's reader
+        selected = parse_rows(args.rows or (":" if args.score else "0:3"), len(rows))
         # Every row is checked before the model loads: a bad row costs no wait.
-        items = [(r, *prompt_and_reference(family, *rows[r], thinking, f"row {r} of {args.data}", args.turn, kw))
-                 for r in parse_rows(args.rows, len(rows))]
+        if not args.score:
+            items = [(r, *prompt_and_reference(family, *rows[r], thinking, f"row {r} of {args.data}", args.turn, kw))
+                     for r in selected]
+        else:  # (row, turn, prompt, reference, the turn's calls) for each scored turn
+            turns = [(r, k, i) for r in selected for k, i in enumerate(
+                [i for i, m in enumerate(rows[r][0]) if m["role"] == "assistant" and i > 0])
+                if args.all_turns or rows[r][0][i].get("tool_calls")]
+            items = [(f"{r} turn {k}", *prompt_and_reference(family, *rows[r], thinking, f"row {r} of {args.data}", k, kw),
+                      (r, k), rows[r][0][i].get("tool_calls") or [], rows[r][1]) for r, k, i in turns]
+            if not items:
+                raise GenerateError(f"rows {args.rows or ':'} of {args.data} have no assistant turn with tool calls "
+                                    "to score; pick other rows or pass --all_turns.")
     tokenizer = data.load_tokenizer(model_dir)
     stop = stop_ids(model_dir, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,7 +268,7 @@ def run(args):
     print(f"model: {model_dir} ({family} template, {device.type} {str(dtype).removeprefix('torch.')})")
     generator = torch.Generator().manual_seed(args.seed)
     records = []
-    for row, prompt, reference in items:
+    for row, prompt, reference, *scored in items:
         ids = tokenizer.encode(prompt, add_special_tokens=False).ids
         t0 = time.time()
         new = generate(model, ids, args.max_new_tokens, stop, args.temperature, args.top_p, generator)
@@ -228,8 +276,15 @@ def run(args):
         reply = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=False)
         print(f"=== {'row ' * (row != 'prompt')}{row}: {len(ids)} prompt tokens, {len(new)} new in "
               f"{time.time() - t0:.1f}s ({'stopped at eos' if stopped else 'max_new_tokens reached'})")
-        print(f"--- reply:\n{reply}" + (f"\n--- reference:\n{reference}" if reference is not None else ""))
+        if not args.score:
+            print(f"--- reply:\n{reply}" + (f"\n--- reference:\n{reference}" if reference is not None else ""))
         records.append({"row": row, "prompt": prompt, "reply": reply, "reference": reference})
+        if args.score:
+            records[-1].update(zip(("row", "turn"), scored[0]), **score_turn(family, reply, stopped, *scored[1:]))
+            print(" ".join(f"{key} {'yes' if records[-1][key] else 'no'}" for key, _ in LEVELS))
+    if args.score:
+        print(score_table(records, f"assistant turns {'' if args.all_turns else 'with tool calls '}in rows "
+                                   f"{selected.start}:{selected.stop} of {args.data}"))
     if args.jsonl:
         Path(args.jsonl).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -240,7 +295,7 @@ def main(argv=None):
     a("checkpoint", help="HF model dir: SAVE_PATH/global_step_N/huggingface or the original model")
     a("--data", default=None, help="parquet file (or dir) of conversations to reply to")
     a("--prompt", default=None, help="one user message instead of --data")
-    a("--rows", default="0:3", help="row range A:B of --data, or one row A (default 0:3)")
+    a("--rows", default=None, help="row range A:B of --data, or one row A (default 0:3; with --score all)")
     a("--turn", type=int, default=-1, help="the assistant turn to reply in place of: -1 the last, 0 the first")
     a("--max_new_tokens", type=int, default=512, help="stop after this many new tokens")
     a("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -252,7 +307,10 @@ def main(argv=None):
       help="Qwen3/3.5/3.8 (default: the template's own, on): false puts the empty think block into the prompt")
     a("--apply_chat_template_kwargs", default="{}",
       help='as data.apply_chat_template_kwargs, a JSON object: \'{"preserve_thinking": false}\'')
-    a("--jsonl", default=None, help="also write {row, prompt, reply, reference} per row here")
+    a("--jsonl", default=None, help="also write {row, prompt, reply, reference} per row (--score: per turn, "
+                                      "with its levels and parsed calls) here")
+    a("--score", action="store_true", help="score the tool calls of greedy replies (see above; needs --data)")
+    a("--all_turns", action="store_true", help="--score every assistant turn, not only those with tool calls")
     try:
         run(p.parse_args(argv))
     except (GenerateError, M.ModelError, data.DataError, templates.TemplateError) as e:

@@ -172,20 +172,21 @@ class Qwen2ForCausalLM(nn.Module):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return self.model(input_ids, cu_seqlens, position_ids, max_seqlen)
 
-    def forward(self, input_ids, cu_seqlens, position_ids=None, max_seqlen=None, labels=None):
+    def forward(self, input_ids, cu_seqlens, position_ids=None, max_seqlen=None, labels=None, return_correct=False):
         """input_ids (T,) holds B samples back to back, bounded by cu_seqlens (B+1,) int32.
 
         Attention never crosses a boundary and positions restart at 0 per sample unless
         position_ids (T,) are given (Ulysses passes a slice of the full stream's positions).
         Returns logits (T, vocab_size), or with labels (T,) (-100 = ignore) the fp32 SUM of the
         cross-entropy over the labelled tokens. The loss goes through this forward (not a separate
-        call on lm_head) so FSDP's hooks on the root module see the LM head being used.
+        call on lm_head) so FSDP's hooks on the root module see the LM head being used. return_correct
+        (evaluation, under no_grad): (loss, correct (T,) bool), whether each label is its row's argmax.
         """
         h = self.hidden_states(input_ids, cu_seqlens, position_ids, max_seqlen)
         if labels is None:
             return self.lm_head(h)
         # Fused LM head + CE: never holds (T, vocab) logits (9.3 GiB in fp32 for a 16k Qwen2.5 pack).
-        return linear_cross_entropy_sum(h, self.lm_head.weight, labels, self.loss_chunk)
+        return linear_cross_entropy_sum(h, self.lm_head.weight, labels, self.loss_chunk, return_correct=return_correct)
 
     loss_chunk = None  # labelled rows per LM-head chunk; None = about 1 GiB of fp32 logits
 

@@ -33,7 +33,8 @@ def read_metrics(path):
 
 
 def plot_metrics(out_dir, title, log=print):
-    """Draw train/loss per step, val/loss points and the lr (second axis) into out_dir/loss.png.
+    """Draw train/loss per step, val/loss points and the lr (second axis) into out_dir/loss.png, and below
+    them, when the run validated, val/turn_exact and val/tool_call_exact per validation.
 
     Returns the path, or None (after one log line saying why) when matplotlib is missing or there
     is nothing to plot yet.
@@ -52,14 +53,18 @@ def plot_metrics(out_dir, title, log=print):
         log("no loss.png: matplotlib is not installed (pip install matplotlib to get the loss curve).")
         return None
     steps = [r["step"] for r in records]
-    fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    exact = {k: [(r["step"], r[k]) for r in records if r.get(k) is not None]
+             for k in ("val/turn_exact", "val/tool_call_exact")}
+    panels = 2 if any(exact.values()) else 1  # the second: what greedy decoding reproduces, per validation
+    fig = Figure(figsize=(8, 4.5 + 2.5 * (panels - 1)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False, height_ratios=[1.8, 1][:panels])[:, 0]
+    ax = axes[0]
     ax.plot(steps, [r.get("train/loss", float("nan")) for r in records], color="tab:blue", lw=1.5, label="train/loss")
     val = [(r["step"], r["val/loss"]) for r in records if r.get("val/loss") is not None]
     if val:
         ax.plot(*zip(*val), "o", color="tab:red", ms=6, label="val/loss")
-    ax.set_xlabel("step")
+    axes[-1].set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     lr_ax = ax.twinx()  # the lr has another scale (1e-5 vs a loss of ~1): its own axis on the right
@@ -69,6 +74,14 @@ def plot_metrics(out_dir, title, log=print):
     lines = ax.get_lines() + lr_ax.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     ax.set_title(f"{title}{lora_note(out_dir)} ({steps[-1]} steps)")
+    if panels == 2:
+        for (key, points), style in zip(exact.items(), ("o-", "s--")):
+            if points:
+                axes[1].plot(*zip(*points), style, ms=5, label=key)
+        axes[1].set_ylim(-0.03, 1.03)
+        axes[1].set_ylabel("exact fraction")
+        axes[1].grid(alpha=0.3)
+        axes[1].legend(loc="upper left")
     path = out_dir / "loss.png"
     tmp = out_dir / ".loss.png.tmp"
     fig.savefig(tmp, format="png")

@@ -23,7 +23,7 @@ if [ -z "$user_paths" ] && { [ ! -f "$MODEL_PATH/config.json" ] || [ ! -e "$TRAI
   echo "        a small random-init Qwen2 and a synthetic ReTool-style dataset (python demo.py demo)."
   grep -qs chat_template demo/model/tokenizer_config.json || "$PYTHON" demo.py demo  # (re)built when absent or older
   MODEL_PATH=$PWD/demo/model; TRAIN_DATA=$PWD/demo/data/train.parquet; EVAL_DATA=$PWD/demo/data/val.parquet
-  extra+=(optim.lr=2e-3)  # a random-init model learns nothing visible at the fine-tuning lr of 1e-5
+  extra+=(optim.lr=3e-3)  # a random-init model learns nothing visible at the fine-tuning lr of 1e-5
 fi
 for var in MODEL_PATH TRAIN_DATA EVAL_DATA; do  # a typo must not silently train something else
   [ -e "${!var}" ] || { echo "run.sh: error: $var=${!var} does not exist; fix the path (or set none of" \
@@ -66,5 +66,7 @@ fi
 if [ "${NODE_RANK:-0}" = 0 ] && [ -f "$SAVE_PATH/latest_checkpointed_iteration.txt" ]; then
   ckpt=$SAVE_PATH/global_step_$(cat "$SAVE_PATH/latest_checkpointed_iteration.txt")/huggingface
   "$PYTHON" generate.py "$ckpt" --data "$EVAL_DATA" --rows 0 --turn 0 --max_new_tokens 200
+  # ... and how its free-running tool calls score: every tool-call turn of the first validation rows
+  "$PYTHON" generate.py "$ckpt" --data "$EVAL_DATA" --rows "0:${SCORE_ROWS:-16}" --score --max_new_tokens 200
   echo "run.sh: loss curve in $SAVE_PATH/loss.png"
 fi

@@ -11,6 +11,7 @@ a message's `loss` field (true/false) overrides the default for its own turn.
 """
 import hashlib
 import json
+import re
 from pathlib import Path
 
 FAMILIES = ("qwen2.5", "qwen3", "qwen3-instruct-2507", "qwen3.5", "qwen3.8")
@@ -239,21 +240,24 @@ def generation_prompt(family, enable_thinking=True):
 
 
 def render(family, messages, tools=None, *, enable_thinking=True, preserve_thinking=True, reasoning_effort="xhigh",
-           add_generation_prompt=False, where="the conversation"):
+           add_generation_prompt=False, where="the conversation", replies=None):
     """(text, spans): the official template's text for family, and the trained [start, end) char spans.
 
     messages and tools as normalise / normalise_tools return them; the kwargs as the templates name
     them (check_kwargs says which family reads which). A conversation the official template refuses
-    is a DataError naming where.
+    is a DataError naming where. replies, when a list, receives (start, end, has_tool_calls) of each
+    trained assistant reply: the one span of that turn that _reply trains, in text order.
     """
     if family not in FAMILIES:
         raise TemplateError(f"chat template {family!r} is not one of {', '.join(FAMILIES)}.")
     parts, spans, pos = [], [], 0
 
-    def add(s, trained=False):
+    def add(s, trained=False, calls=None):
         nonlocal pos
         if trained and s:
             spans.append((pos, pos + len(s)))
+            if calls is not None and replies is not None:
+                replies.append((pos, pos + len(s), calls))
         parts.append(s)
         pos += len(s)
 
@@ -278,14 +282,15 @@ def _trained(m):
     return m["loss"] if m.get("loss") is not None else m["role"] == "assistant"
 
 
-def _reply(add, text, trained, prompt):
+def _reply(add, text, trained, prompt, calls):
     """An assistant turn: the one mask rule. Trained after its header through `<|im_end|>\\n`, except a
-    start equal to the generation prompt's own text, which at inference is part of the prompt."""
+    start equal to the generation prompt's own text, which at inference is part of the prompt. calls:
+    whether the turn carries tool calls (recorded with its span for the validation metrics)."""
     add("<|im_start|>assistant\n")
     if trained and prompt and text.startswith(prompt):
         add(prompt)
         text = text[len(prompt):]
-    add(text, trained)
+    add(text, trained, calls)
 
 
 def _tool(m, i, messages, add, content, header_first=True):
@@ -325,7 +330,7 @@ def _qwen25(messages, tools, add, prompt):
             # after the role starts with "\n", which is the header's newline below.
             body = ((("\n" + body) if body else "") + calls)[1:]
         if role == "assistant":
-            _reply(add, body + "<|im_end|>\n", _trained(m), prompt)
+            _reply(add, body + "<|im_end|>\n", _trained(m), prompt, bool(m.get("tool_calls")))
         else:
             add(f"<|im_start|>{role}\n")
             add(body + "<|im_end|>\n", _trained(m))
@@ -382,7 +387,7 @@ def _qwen3(messages, tools, add, prompt, thinking):
                 body += ('<tool_call>\n{"name": "' + call["name"] + '", "arguments": '
                          + (args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
                          + "}\n</tool_call>")
-            _reply(add, body + "<|im_end|>\n", _trained(m), prompt)
+            _reply(add, body + "<|im_end|>\n", _trained(m), prompt, bool(m.get("tool_calls")))
 
 
 def _value(v, v38):
@@ -442,4 +447,77 @@ def _qwen35(messages, tools, add, prompt, family, enable_thinking, preserve_thin
                 for key, value in (args or {}).items():
                     body += f"<parameter={key}>\n{_value(value, v38)}\n</parameter>\n"
                 body += "</function>\n</tool_call>"
-            _reply(add, body + "<|im_end|>\n", _trained(m), prompt)
+            _reply(add, body + "<|im_end|>\n", _trained(m), prompt, bool(m.get("tool_calls")))
+
+
+# --------------------------------------------------------------------------- parsing tool calls (the inverse)
+
+def _tool_schemas(tools):
+    """{name: parameters schema} of a row's tools, with or without the {type, function} wrapper."""
+    fns = [t.get("function", t) if isinstance(t.get("function"), dict) else t for t in tools or []]
+    return {f["name"]: f.get("parameters") or {} for f in fns if isinstance(f.get("name"), str)}
+
+
+def _xml_value(text, kind):
+    """A parameter's text back to a value: as written for a string parameter, else JSON, else (Qwen3.5 writes
+    scalars with Python's str) True / False / None, else the text itself."""
+    if kind == "string":
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def parse_tool_calls(family, text, tools=None):
+    """The tool calls of a reply written in family's format, the inverse of the render: a list with
+    {name, arguments: dict} per <tool_call> block, None for a block that does not parse (an unclosed last
+    block included). JSON in the block for qwen2.5 / qwen3 / qwen3-instruct-2507; the XML form
+    <function=NAME><parameter=KEY>VALUE</parameter></function> for qwen3.5 / qwen3.8, whose values are
+    read back by the tool's parameter types (tools: the row's) where the schema gives one."""
+    blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S)
+    closed = text.count("</tool_call>")
+    calls = []
+    for k, block in enumerate(blocks):
+        call = None
+        if k < closed and family in ("qwen3.5", "qwen3.8"):
+            fn = re.fullmatch(r"\s*<function=([^>\n]+)>\n(.*?)</function>\s*", block, flags=re.S)
+            params = re.findall(r"<parameter=([^>\n]+)>\n(.*?)\n</parameter>\n?", fn.group(2), flags=re.S) if fn else []
+            if fn and "".join(f"<parameter={key}>\n{v}\n</parameter>\n" for key, v in params) == fn.group(2):
+                props = _tool_schemas(tools).get(fn.group(1), {}).get("properties") or {}
+                call = {"name": fn.group(1), "arguments": {key: _xml_value(v, (props.get(key) or {}).get("type"))
+                                                           for key, v in params}}
+        elif k < closed:
+            try:
+                obj = json.loads(block)
+            except json.JSONDecodeError:
+                obj = None
+            if (isinstance(obj, dict) and set(obj) == {"name", "arguments"} and isinstance(obj["name"], str)
+                    and isinstance(obj["arguments"], dict)):
+                call = obj
+        calls.append(call)
+    return calls
+
+
+JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
+              "object": dict, "null": type(None)}
+
+
+def check_arguments(args, schema):
+    """Whether arguments satisfy a tool's parameters schema, as far as we check: every required key is
+    there, no key is undeclared (when the schema lists properties), each value has the property's JSON
+    type (or one of a list of types) and is one of its enum values. Nested schemas are not descended."""
+    props = schema.get("properties")
+    if any(k not in args for k in schema.get("required") or []) or (props and any(k not in props for k in args)):
+        return False
+    for key, value in args.items():
+        prop = (props or {}).get(key) or {}
+        kinds = prop.get("type", [])
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        # bool is an int in Python, not in JSON
+        if kinds and not any(isinstance(value, JSON_TYPES.get(t, object)) and not (isinstance(value, bool) and t in
+                                                                                   ("integer", "number")) for t in kinds):
+            return False
+        if "enum" in prop and value not in prop["enum"]:
+            return False
+    return True

@@ -554,7 +554,10 @@ def reporter(args, out, rank, first_step, stop_at, log):
         if "train/mfu" in rec:
             line += f" | mfu {rec['train/mfu']:.1%} | mem {rec['train/peak_mem_gib']:.1f}G"
         if "val/loss" in rec:
-            line += f" | val_loss {rec['val/loss']:.4f}"
+            line += f" | val_loss {rec['val/loss']:.4f} | val_acc {rec['val/token_acc']:.3f}"
+            line += f" | turn_exact {rec['val/turn_exact']:.3f} of {rec['val/turns']}"
+            if "val/tool_call_exact" in rec:
+                line += f" | tool_call_exact {rec['val/tool_call_exact']:.3f} of {rec['val/tool_call_turns']}"
         log(line + f" | eta {fmt_time((time.time() - t_start) / (step - first_step) * (stop_at - step))}")
         metrics_file.write(json.dumps(rec) + "\n")
         metrics_file.flush()
@@ -638,20 +641,47 @@ def update(trained, optimizer, scheduler, clip):
     return grad_norm, lr
 
 
-def evaluate(model, micro):
-    """val/loss: global token mean over the whole val set, given this rank's fixed-size micro-batches
-    of it (batches.py gives every rank the same number: FSDP's collectives must match)."""
+def val_counts(model, micro, n_turns):
+    """One no-grad forward over this rank's val micro-batches, summed over all ranks: (CE, trained tokens,
+    argmax-correct trained tokens) and per_turn (2, n_turns) int64, each turn's trained tokens and wrong
+    ones, by the global turn ids batches.py numbers them with (a turn split over sp ranks, or cut between
+    micro-batches, adds up under its one id). The argmax comes from the fused LM-head loss: no (T, V) logits."""
     device = micro[0]["labels"].device
-    ce, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # CE, trained tokens, argmax-correct ones
+    per_turn = torch.zeros(2, n_turns, dtype=torch.int64, device=device)  # trained tokens, wrong ones
     model.eval()
     with torch.no_grad():
         for b in micro:
-            tokens += int((b["labels"] != -100).sum())
-            ce += loss_sum(model, b).double()
+            ce, correct = model(b["input_ids"], b["cu_seqlens"], b["position_ids"], b["max_seqlen"],
+                                labels=b["labels"], return_correct=True)
+            sums += torch.stack([ce.double(), (b["labels"] != -100).sum().double(), correct.sum().double()])
+            turns, keep = b["turns"], b["turns"] >= 0
+            per_turn[0].index_add_(0, turns[keep], torch.ones_like(turns[keep]))
+            per_turn[1].index_add_(0, turns[keep], (~correct[keep]).long())
     model.train()
-    # (all ranks) sp slices are disjoint, so each trained token and its CE are counted once
-    ce, tokens = all_sum(ce), all_sum(torch.tensor(float(tokens), device=device))
-    return float(ce / tokens.clamp(min=1))
+    # (all ranks) sp slices and dp shards are disjoint, so each trained token is counted once
+    return all_sum(sums).tolist(), all_sum(per_turn)
+
+
+def evaluate(model, micro, calls):
+    """The val metrics over the whole val set, given this rank's fixed-size micro-batches of it (batches.py
+    gives every rank the same number: FSDP's collectives must match), all from the one forward of val/loss:
+
+    val/loss, the global token mean; val/token_acc, the trained tokens whose argmax is the target;
+    val/turn_exact, the assistant turns (with >= 1 trained token) whose every trained token is the argmax,
+    which are exactly the turns greedy decoding reproduces from their prompt; val/tool_call_exact, the same
+    over the turns with tool calls (absent when there are none); val/turns, val/tool_call_turns, the counts.
+    calls (n_turns,) bool: whether each val turn, by its global id, carries tool calls.
+    """
+    (ce, tokens, right), per_turn = val_counts(model, micro, len(calls))
+    measured = per_turn[0] > 0
+    exact, tool = measured & (per_turn[1] == 0), measured & calls.to(measured.device)
+    rec = {"val/loss": ce / max(tokens, 1.0), "val/token_acc": right / max(tokens, 1.0),
+           "val/turn_exact": int(exact.sum()) / max(int(measured.sum()), 1),
+           "val/turns": int(measured.sum()), "val/tool_call_turns": int(tool.sum())}
+    if tool.any():
+        rec["val/tool_call_exact"] = int((exact & tool).sum()) / int(tool.sum())
+    return rec
 
 
 # --------------------------------------------------------------------------- main
@@ -741,6 +771,8 @@ def run(args):
     # data.train_max_samples / val_max_samples (sft_trainer): verl keeps the first N rows, unshuffled
     train = train[:args.train_max_samples] if args.train_max_samples > 0 else train
     val = val[:args.val_max_samples] if val is not None and args.val_max_samples > 0 else val
+    # per val turn (the global ids batches.py numbers them with): whether it carries tool calls
+    val_calls = torch.from_numpy(np.concatenate([s[3] for s in val])).bool() if val else None
     steps_per_epoch = len(train) // args.train_batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"data.train_batch_size={args.train_batch_size} exceeds the {len(train)} training "
@@ -817,7 +849,7 @@ def run(args):
             rec["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         last = step == stop_at
         if val is not None and (last or (args.test_freq > 0 and step % args.test_freq == 0)):
-            rec["val/loss"] = evaluate(model, rank_batches(val, np.arange(len(val)), max_tokens=None)[0])
+            rec.update(evaluate(model, rank_batches(val, np.arange(len(val)), max_tokens=None)[0], val_calls))
         stopping = bool(all_sum(torch.tensor(float(bool(received)), device=device)))  # (all ranks) agree to stop together
         saved = None  # the checkpoint written after this step, if any
         if last or stopping or (args.save_freq > 0 and step % args.save_freq == 0):

@@ -156,13 +156,14 @@ def test_micro_batches_need_no_collective():
 
 def test_sp_slice_pads_with_own_segment():
     batch = dict(input_ids=torch.arange(5), position_ids=torch.tensor([0, 1, 2, 0, 1]),
-                 labels=torch.tensor([1, 2, -100, 4, -100]), cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.int32),
+                 labels=torch.tensor([1, 2, -100, 4, -100]), turns=torch.tensor([0, 0, -1, 1, -1]), cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.int32),
                  max_seqlen=3)
     parts = [batches.sp_slice(batch, r, 4, pad_id=99) for r in range(4)]
     assert all(p["input_ids"].numel() == 2 for p in parts)
     assert parts[0]["cu_seqlens"].tolist() == [0, 3, 5, 8]
     assert torch.cat([p["input_ids"] for p in parts]).tolist() == [0, 1, 2, 3, 4, 99, 99, 99]
     assert torch.cat([p["labels"] for p in parts]).tolist()[5:] == [-100] * 3
+    assert torch.cat([p["turns"] for p in parts]).tolist() == [0, 0, -1, 1, -1, -1, -1, -1]
     assert torch.cat([p["position_ids"] for p in parts]).tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
 
 
@@ -176,3 +177,48 @@ def test_schedule_resumes_where_it_left_off():
         assert len(rest) == len(full) - i - 1
         assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(rest, full[i + 1:]))
     assert full[-1][2] == (3, 0)
+
+
+def turn_samples(n, seed=0):
+    """Samples as data.py makes them: each a few trained turns (runs of mask 1, turn k), some with tool calls."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        pieces, k = [], 0
+        for _ in range(rng.integers(1, 4)):
+            prompt, reply = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+            pieces += [(prompt, 0, -1), (reply, 1, k)]
+            k += 1
+        ids = rng.integers(0, 1000, sum(L for L, _, _ in pieces))
+        mask = np.concatenate([np.full(L, m, dtype=np.uint8) for L, m, _ in pieces])
+        turn = np.concatenate([np.full(L, t, dtype=np.int32) for L, _, t in pieces])
+        out.append((ids, mask, turn, (rng.random(k) < 0.5).astype(np.uint8)))
+    return out
+
+
+def test_turns_are_global_and_the_same_in_every_layout():
+    """turns[t] = the global id of the turn of the target labels[t]: sample j's turns follow the turns of the
+    samples before it in the global batch. Every layout (dp, sp, packed, padded, micro-batch size, token
+    budget) holds the same (turn, target) pairs over all its ranks, so per-turn sums over ranks agree."""
+    samples = turn_samples(30)
+    batch = np.random.default_rng(2).permutation(30)[:20]
+    first = np.cumsum([0] + [len(samples[i][3]) for i in batch])
+    expect = []
+    for j, i in enumerate(batch):
+        ids, mask, turn, _ = samples[i]
+        expect += [(int(first[j] + turn[t]), int(ids[t])) for t in range(1, len(ids)) if mask[t]]
+    assert len({t for t, _ in expect}) == first[-1]  # every turn has a trained target here
+    for kw in (dict(micro_batch_size=3), dict(micro_batch_size=1, packed=False), dict(micro_batch_size=4, sp_size=2),
+               dict(max_tokens=40), dict(max_tokens=60, sp_size=3)):
+        for dp_size in (1, 2, 3):
+            sp = kw.get("sp_size", 1)
+            got = []
+            for r in range(dp_size):
+                for sp_rank in range(sp):
+                    micro, _ = batches.micro_batches(samples, batch, dp_rank=r, dp_size=dp_size, sp_rank=sp_rank,
+                                                     **{"packed": True, **kw})
+                    for b in micro:
+                        keep = b["turns"] >= 0
+                        assert (b["labels"][keep] != -100).all()
+                        got += list(zip(b["turns"][keep].tolist(), b["labels"][keep].tolist()))
+            assert sorted(got) == sorted(expect), (kw, dp_size)

@@ -170,7 +170,7 @@ def test_directory_and_list_of_files(tmp_path):
 def test_truncation(tmp_path, tokenizer):
     path = write(tmp_path, [chat(), chat(answer="word " * 50)])
     one = write(tmp_path, [chat(answer="word " * 50)], "one.parquet")
-    [(full_ids, full_mask)] = data.build_samples(one, tokenizer, 10**6)
+    [(full_ids, full_mask, full_turn, _)] = data.build_samples(one, tokenizer, 10**6)
     n = len(full_ids)
     with pytest.raises(data.DataError, match=rf"row 1 of .*d\.parquet has {n} tokens, more than "
                                              r"data\.max_length=40; raise data\.max_length or "
@@ -181,6 +181,7 @@ def test_truncation(tmp_path, tokenizer):
     assert np.array_equal(left[0], full_ids[-40:]) and np.array_equal(left[1], full_mask[-40:])
     assert np.array_equal(right[0], full_ids[:40]) and np.array_equal(right[1], full_mask[:40])
     assert left[0].dtype == np.int64 and left[1].dtype == np.uint8
+    assert np.array_equal(left[2], full_turn[-40:]) and np.array_equal(right[2], full_turn[:40])
     with pytest.raises(data.DataError, match="data.truncation='middle' is not one of"):
         data.build_samples(path, tokenizer, 40, "middle")
 
@@ -209,7 +210,8 @@ def test_cache_reuse_and_rebuild(tmp_path, tokenizer, monkeypatch):
     real_tokenize = data._tokenize_rows
     monkeypatch.setattr(data, "_tokenize_rows", no_tokenizing)
     again = data.build_samples(path, tokenizer, 100, **kw)
-    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
+    assert all(all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == 4 for a, b in zip(first, again))
+    assert file.name.startswith(f"samples-v{data.CACHE_FORMAT}-")  # an older layout's file is never read
     assert again[0][0].dtype == np.int64
 
     # corrupt: flip bytes in the middle -> one warning, rebuilt, same result, valid again
@@ -290,14 +292,18 @@ def test_batched_tokenization_equals_row_by_row(tokenizer, name, max_length, fam
     for truncation in ("left", "right") if max_length else ("error",):
         batched, dropped, _ = data._tokenize_rows(tokenizer, family, [path], {}, {}, max_length, truncation, print,
                                                   chunk_rows=7)
-        full = [data.encode(tokenizer, *templates.render(family, m, t, enable_thinking=e)) for w, m, t, e in rows]
-        single = [data._truncate(ids, mask, max_length, truncation, "x") for ids, mask in full]
-        assert max_length is None or any(len(ids) > max_length for ids, _ in full)  # truncation happens
+        full = []
+        for w, m, t, e in rows:
+            text, spans = templates.render(family, m, t, enable_thinking=e, replies=(replies := []))
+            full.append(data._ids_and_mask(tokenizer.encode(text, add_special_tokens=False), spans, replies))
+        single = [data._truncate(*f, max_length, truncation, "x") for f in full]
+        assert max_length is None or any(len(f[0]) > max_length for f in full)  # truncation happens
         single = [s for s in single if s[1].any()]
         assert len(batched) == len(single) == len(rows) - dropped
-        for (ids, mask), (ids1, mask1) in zip(batched, single):
+        for (ids, mask, turn, calls), (ids1, mask1, turn1, calls1) in zip(batched, single):
             assert ids.dtype == ids1.dtype == np.int64 and mask.dtype == mask1.dtype == np.uint8
             assert np.array_equal(ids, ids1) and np.array_equal(mask, mask1)
+            assert np.array_equal(turn, turn1) and np.array_equal(calls, calls1)
 
 
 @needs_tokenizer
@@ -375,3 +381,32 @@ def test_inspect_names_its_own_flag_for_an_unknown_template(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {tmp_path} has no chat template")
     assert f"pass --chat_template {templates.CHOICES} to choose" in err
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("family", templates.FAMILIES)
+def test_turns_mark_each_trained_assistant_reply(tmp_path, tokenizer, family):
+    """turn[t] is k on exactly the tokens of the k-th trained assistant reply (as its trained text decodes),
+    -1 on every other token, trained or not (a user message with loss=true); calls flags the replies with tool
+    calls; an untrained assistant turn (loss=false) is no turn."""
+    call = {"type": "function", "function": {"name": "calc", "arguments": {"expr": "1+1"}}}
+    messages = [{"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "Let me compute.", "tool_calls": [call]},
+                {"role": "tool", "content": "2"},
+                {"role": "assistant", "content": "skipped", "loss": False},
+                {"role": "user", "content": "trained question", "loss": True},
+                {"role": "assistant", "content": "It is 2."}]
+    [(ids, mask, turn, calls)] = data.build_samples(write(tmp_path, [{"messages": messages, "tools": [TOOL]}]),
+                                                    tokenizer, None, chat_template=family)
+    assert turn.dtype == np.int32 and len(turn) == len(ids) and calls.tolist() == [1, 0]
+    assert set(turn.tolist()) == {-1, 0, 1} and (mask[turn >= 0] == 1).all()
+    text, spans = templates.render(family, templates.normalise(messages), [TOOL])
+    replies = []
+    templates.render(family, templates.normalise(messages), [TOOL], replies=replies)
+    assert [c for _, _, c in replies] == [True, False] and all((a, b) in spans for a, b, _ in replies)
+    for k, (a, b, _) in enumerate(replies):  # a token that straddles the span's start belongs to it (as to the mask)
+        got = tokenizer.decode(ids[turn == k].tolist(), skip_special_tokens=False)
+        assert text[a:b] in got and got in text[a - 4:b]
+    # the trained user message is trained but belongs to no turn
+    outside = tokenizer.decode(ids[(mask == 1) & (turn == -1)].tolist(), skip_special_tokens=False)
+    assert "trained question" in outside and "It is 2." not in outside

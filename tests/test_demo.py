@@ -52,7 +52,7 @@ def test_parquet_layout(built):
     assert [f.name for f in msg] == ["role", "content", "tool_calls"]
     fn = msg.field("tool_calls").type.value_type.field("function").type
     assert [f.name for f in fn] == ["name", "arguments"] and [f.name for f in fn.field("arguments").type] == ["code"]
-    assert pq.read_metadata(built["train"]).num_rows == 512 and pq.read_metadata(built["val"]).num_rows == 64
+    assert pq.read_metadata(built["train"]).num_rows == 2048 and pq.read_metadata(built["val"]).num_rows == 16
     ref = REFERENCE / "retool_like_sample.parquet"
     if ref.is_file():  # the same arrow schema (and `datasets` metadata) as verl's ReTool files
         assert schema.equals(pq.read_schema(ref), check_metadata=True)

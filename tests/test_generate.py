@@ -6,6 +6,7 @@ the CLI's errors are one sentence; loss.png is a real PNG with each step once.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -236,6 +237,85 @@ def test_cli_errors_are_one_sentence(tiny_demo, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- the loss picture
 
+# --------------------------------------------------------------------------- --score
+
+SCHEMA_TOOLS = [{"type": "function", "function": {"name": "run", "parameters": {
+    "type": "object", "required": ["code"],
+    "properties": {"code": {"type": "string"}, "n": {"type": "integer"}, "mode": {"type": "string", "enum": ["a", "b"]},
+                   "opts": {"type": ["object", "null"]}}}}}]
+
+
+@pytest.mark.parametrize("family", templates.FAMILIES)
+def test_score_turn_levels(family):
+    """A reference turn written by the family's renderer scores on every level; each fault fails its own level
+    and the ones below it (the XML form reads values back by the schema's types)."""
+    calls = [{"name": "run", "arguments": {"code": "print(1)\nprint(2)", "n": 3, "mode": "b", "opts": {"k": [1]}}},
+             {"name": "run", "arguments": {"code": "x = 1"}}]
+    messages = templates.normalise([{"role": "user", "content": "q"},
+                                    {"role": "assistant", "content": "Let me run it.", "tool_calls": calls}])
+    _, reference = generate.prompt_and_reference(family, messages, SCHEMA_TOOLS, True, "x")
+    assert generate.score_turn(family, reference, True, calls, SCHEMA_TOOLS) == dict(
+        stopped=True, parsed=True, names=True, schema=True, equal=True, calls=calls)
+
+    def levels(reply, stopped=True):
+        r = generate.score_turn(family, reply, stopped, calls, SCHEMA_TOOLS)
+        return [r[k] for k, _ in generate.LEVELS]
+    xml = family in ("qwen3.5", "qwen3.8")
+    assert levels(reference, stopped=False) == [False, True, True, True, False]
+    assert levels(reference[:reference.rfind("</tool_call>")]) == [True, False, False, False, False]  # unclosed
+    assert levels("No call.") == [True, False, False, False, False]
+    assert levels(reference.replace("<function=run>" if xml else '"name": "run"',
+                                    "<function=ran>" if xml else '"name": "ran"')) == [True, True, False, False, False]
+    bad_type = reference.replace("<parameter=n>\n3" if xml else '"n": 3', "<parameter=n>\nthree" if xml else '"n": "3"')
+    assert levels(bad_type) == [True, True, True, False, False]
+    assert levels(reference.replace("b\n" if xml else '"b"', "c\n" if xml else '"c"')) == [True, True, True, False, False]
+    assert levels(reference.replace("x = 1", "x = 2")) == [True, True, True, True, False]
+
+
+def test_check_arguments():
+    schema = SCHEMA_TOOLS[0]["function"]["parameters"]
+    assert templates.check_arguments({"code": "", "opts": None}, schema)
+    assert not templates.check_arguments({"n": 1}, schema)  # required key missing
+    assert not templates.check_arguments({"code": "", "extra": 1}, schema)  # undeclared key
+    assert not templates.check_arguments({"code": "", "n": True}, schema)  # a bool is no JSON integer
+    assert not templates.check_arguments({"code": "", "n": 1.5}, schema)
+    assert not templates.check_arguments({"code": "", "mode": "c"}, schema)  # not in the enum
+
+
+def test_cli_score_table_and_jsonl(tiny_demo, tmp_path, capsys, monkeypatch):
+    """--score end to end with a stand-in model that replies exactly the reference: every level is full, one
+    record per tool-call turn; the real tiny model's replies score below it, and --all_turns adds the last turns."""
+    rows = data.read_rows(tiny_demo["val"])
+    tokenizer = data.load_tokenizer(tiny_demo["model"])
+    answers = {}
+    for messages, tools in rows:
+        for k, i in enumerate(i for i, m in enumerate(messages) if m["role"] == "assistant"):
+            prompt, ref = generate.prompt_and_reference("qwen2.5", messages, tools, True, "x", k)
+            answers[tuple(tokenizer.encode(prompt, add_special_tokens=False).ids)] = (
+                tokenizer.encode(ref + "<|im_end|>", add_special_tokens=False).ids, bool(messages[i].get("tool_calls")))
+    n_calls = sum(c for _, c in answers.values())
+    real = generate.generate
+    monkeypatch.setattr(generate, "generate", lambda m, ids, *a, **k: answers[tuple(ids)][0])
+    jsonl = tmp_path / "s.jsonl"
+    code, out, err = cli(capsys, tiny_demo["model"], "--data", tiny_demo["val"], "--score", "--chat_template", "qwen2.5",
+                         "--jsonl", jsonl)
+    assert code == 0, err
+    assert f"=== score: {n_calls} assistant turns with tool calls in rows 0:3 of" in out
+    for _, text in generate.LEVELS:
+        assert re.search(rf"{re.escape(text)} +{n_calls} +1.000", out), text
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(records) == n_calls and all(r["equal"] and r["calls"][0]["name"] == "code_interpreter" for r in records)
+    code, out, _ = cli(capsys, tiny_demo["model"], "--data", tiny_demo["val"], "--score", "--all_turns",
+                       "--chat_template", "qwen2.5", "--rows", "0:2")
+    assert code == 0 and re.search(r"equal the reference calls +(\d+) +1.000", out)
+    monkeypatch.setattr(generate, "generate", real)
+    code, out, _ = cli(capsys, tiny_demo["model"], "--data", tiny_demo["val"], "--score", "--chat_template", "qwen2.5",
+                       "--max_new_tokens", 4)
+    assert code == 0 and re.search(rf"turns +{n_calls} +1.000", out) and re.search(r"equal the reference calls +0 +0.000", out)
+    code, _, err = cli(capsys, tiny_demo["model"], "--prompt", "hi", "--score")
+    assert code == 2 and err.count("\n") == 1 and "--score replies greedily to --data rows" in err
+
+
 def write_metrics(path, steps):
     with open(path, "a") as f:
         for step, loss in steps:
@@ -268,6 +348,18 @@ def test_plot_writes_a_png(tmp_path):
     assert pixels.shape[:2] == (450, 800) and pixels.std() > 0.05  # drawn, not blank
     assert not list(tmp_path.glob(".loss*"))  # the temporary file was renamed
     assert plot.plot_metrics(tmp_path / "elsewhere", "x", log=messages.append) is None and len(messages) == 1
+
+
+def test_plot_second_panel_shows_exact_turns(tmp_path):
+    mpimg = pytest.importorskip("matplotlib.image")
+    write_metrics(tmp_path / "metrics.jsonl", [(s, 5.0 / s) for s in range(1, 13)])
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a later record of a step replaces it: these are the ones drawn
+        for s in (4, 8, 12):
+            f.write(json.dumps({"step": s, "train/loss": 1.0, "train/lr": 1e-3, "val/loss": 1.1,
+                                "val/turn_exact": s / 16, "val/tool_call_exact": s / 12}) + "\n")
+    pixels = mpimg.imread(plot.plot_metrics(tmp_path, "proj/exp"))
+    assert pixels.shape[:2] == (700, 800)
+    assert pixels[470:680].std() > 0.05  # the lower panel is drawn
 
 
 def test_plot_title_says_lora(tmp_path):

@@ -103,3 +103,33 @@ def test_tied_weight_gets_both_gradients():
 def test_default_chunk_fits_budget():
     assert default_chunk(151936) * 151936 * 4 <= 1 << 30 and default_chunk(151936) % 64 == 0
     assert default_chunk(96) == 8192
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_correct_is_first_argmax_including_ties(impl):
+    """return_correct: labels[t] is torch.argmax of the fp32 logits, which picks the FIRST maximal index
+    (greedy decoding's choice). Ties are built in: rows of w repeated, so some rows' logits are equal maxima
+    at two indices, with the label on either one."""
+    T, C, V = 40, 16, 70
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(T, C, generator=g)
+    w = torch.randn(V, C, generator=g)
+    w[50], w[63] = w[7], w[40]  # exact duplicate rows: tied logits at 7/50 and 40/63 (63 spans another block)
+    # Rows whose maximum is at a duplicated index: push h toward that row so it wins.
+    for t, j in enumerate([7, 50, 40, 63, 7, 50, 40, 63]):
+        h[t] = w[j] * 3.0
+    logits = h @ w.T
+    labels = logits.argmax(-1).clone()
+    labels[1], labels[3] = 50, 63  # tie resolved to the lower index: NOT correct
+    labels[0], labels[2] = 7, 40  # the first of the tied maxima: correct
+    labels[10:20] = torch.randint(0, V, (10,), generator=g)  # mostly wrong
+    labels[20:25] = -100
+    with torch.no_grad():
+        loss, correct = linear_cross_entropy_sum(h, w, labels, chunk=9, impl=impl, return_correct=True)
+    expect = (logits.argmax(-1) == labels) & (labels != -100)
+    assert correct.dtype == torch.bool and torch.equal(correct, expect)
+    assert correct[0] and correct[2] and not correct[1] and not correct[3] and not correct[20:25].any()
+    assert 0 < int(expect.sum()) < T - 5
+    torch.testing.assert_close(loss, linear_cross_entropy_reference(h, w, labels), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        linear_cross_entropy_sum(h.requires_grad_(), w, labels, return_correct=True)

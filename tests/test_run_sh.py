@@ -94,3 +94,4 @@ def test_ctrl_c_saves_says_so_and_exits_0(tiny, tmp_path):
     assert proc.returncode == 0, out
     assert f"done: 2 steps (resumed at step {step}, now at {step + 2}) in " in out, out
     assert "--- reply:" in out and "run.sh: loss curve in" in out  # a finished run ends with the sample reply
+    assert "=== score: " in out and "equal the reference calls" in out  # ... and the score of its tool calls

@@ -404,14 +404,14 @@ def test_enable_thinking_column(tmp_path, qwen3_tokenizer):
     off = data.encode(qwen3_tokenizer, *templates.render("qwen3", templates.normalise(chat, "x"), enable_thinking=False))
     assert on[1].sum() == off[1].sum() + 4  # the four tokens of the empty think block
     samples = data.build_samples([path, tmp_path / "no_column.parquet"], qwen3_tokenizer, 100, chat_template="qwen3")
-    for (ids, mask), (want_ids, want_mask) in zip(samples, [on, off, on, on]):  # true, false, null, missing
+    for (ids, mask, *_), (want_ids, want_mask) in zip(samples, [on, off, on, on]):  # true, false, null, missing
         assert ids.tolist() == want_ids.tolist() and mask.tolist() == want_mask.tolist()
     # Another key name reads another column; a key no file has means true for every row.
     pq.write_table(pa.Table.from_pylist([{"messages": chat, "think": False}]), tmp_path / "k.parquet")
-    [(_, mask)] = data.build_samples(tmp_path / "k.parquet", qwen3_tokenizer, 100, chat_template="qwen3",
+    [(_, mask, *_)] = data.build_samples(tmp_path / "k.parquet", qwen3_tokenizer, 100, chat_template="qwen3",
                                      enable_thinking_key="think")
     assert mask.tolist() == off[1].tolist()
-    [(_, mask)] = data.build_samples(tmp_path / "k.parquet", qwen3_tokenizer, 100, chat_template="qwen3")
+    [(_, mask, *_)] = data.build_samples(tmp_path / "k.parquet", qwen3_tokenizer, 100, chat_template="qwen3")
     assert mask.tolist() == on[1].tolist()
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{"messages": chat, "enable_thinking": "no"}]), bad)
@@ -594,7 +594,7 @@ def test_template_kwargs(tmp_path, qwen3_tokenizer):
         got = data.build_samples(path, qwen3_tokenizer, None, chat_template="qwen3.8", template_kwargs=kwargs,
                                  enable_thinking_default=default, cache_dir=tmp_path / "c")
         fixed = {k: v for k, v in kwargs.items() if k != "enable_thinking"}
-        assert [m.tolist() for _, m in got] == [sample(True, **fixed), sample(False, **fixed), sample(null, **fixed)]
+        assert [m.tolist() for _, m, *_ in got] == [sample(True, **fixed), sample(False, **fixed), sample(null, **fixed)]
     assert len(list((tmp_path / "c").glob("*.npz"))) == 3  # the kwargs are part of the cache key
     for family, kwargs, message in (("qwen3.5", {"preserve_thinking": True}, "preserve_thinking is not read by the qwen3.5"),
                                     ("qwen2.5", {"enable_thinking": True}, "enable_thinking is not read by the qwen2.5"),
@@ -615,7 +615,7 @@ def test_qwen35_dir_with_the_qwen3_tokenizer_and_inspect(tmp_path, capsys):
     data.main(["inspect", str(rows), "--tokenizer", str(d), "--apply_chat_template_kwargs", '{"enable_thinking": false}'])
     out = capsys.readouterr().out
     # the trainer's own samples, shown: the empty think block opening each turn is the prompt
-    [(ids, mask)] = data.build_samples(rows, data.load_tokenizer(d), None, chat_template="qwen3.5",
+    [(ids, mask, *_)] = data.build_samples(rows, data.load_tokenizer(d), None, chat_template="qwen3.5",
                                        template_kwargs={"enable_thinking": False})
     assert f"{len(ids)} tokens, {int(mask.sum())} trained" in out
     assert "<|im_start|>assistant\n<think>\n\n</think>\n\n[[<tool_call>\n<function=get_weather>" in out

@@ -7,6 +7,7 @@ import lora
 import model as M
 import parallel
 import checkpoint
+import generate
 import train
 from tests_util import distributed
 
@@ -225,6 +226,81 @@ def test_two_process_equalities(one_process, two_processes, i, what):
         assert_same_step(rank_result[i], one_process[0])
 
 
+# --------------------------------------------------------------------------- validation metrics
+
+def greedy_turn_samples(model_dir, n=10):
+    """Val samples (ids, mask, turn, calls) whose turns the tiny model reproduces or not, by construction: each
+    reply is the model's greedy continuation of everything before it, except in about 40% of the turns, where
+    one reply token is swapped for another. Then, independently, greedy decoding (generate.generate) from each
+    turn's prompt says which turns it reproduces token for token: [bool per turn, in global turn order]."""
+    m = M.load_pretrained(model_dir).eval()
+    g = np.random.default_rng(7)
+    samples = []
+    for j in range(n):
+        ids, mask, turn = [], [], []
+        for k in range(1 + j % 3):
+            prompt = g.integers(0, TINY["vocab_size"], int(g.integers(2, 5))).tolist()
+            reply = generate.generate(m, ids + prompt, 4)
+            if g.random() < 0.4:
+                i = int(g.integers(0, 4))
+                reply[i] = (reply[i] + 1) % TINY["vocab_size"]  # not the argmax: this turn is not reproduced
+            ids, mask, turn = ids + prompt + reply, mask + [0] * len(prompt) + [1] * 4, turn + [-1] * len(prompt) + [k] * 4
+        samples.append((np.array(ids), np.array(mask, dtype=np.uint8), np.array(turn, dtype=np.int32),
+                        (g.random(1 + j % 3) < 0.5).astype(np.uint8)))
+    reproduced = []
+    for ids, _, turn, _ in samples:
+        for k in range(int(turn.max()) + 1):
+            at = np.flatnonzero(turn == k)
+            reproduced.append(generate.generate(m, ids[:at[0]].tolist(), len(at)) == ids[at].tolist())
+    return samples, reproduced
+
+
+def _val_worker(rank, world_size, model_dir, val, variants):
+    calls = torch.from_numpy(np.concatenate([s[3] for s in val])).bool()
+    out = []
+    for v in variants:
+        args = train.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}",
+                                 f"ulysses_sequence_parallel_size={v['sp']}", f"use_remove_padding={v['packed']}",
+                                 f"data.micro_batch_size_per_gpu={v['mbs']}", "trainer.device=cpu"])
+        model, rank_batches = tiny_model(args, world_size)
+        micro = rank_batches(val, np.arange(len(val)), max_tokens=None)[0]
+        out.append((train.evaluate(model, micro, calls), train.val_counts(model, micro, len(calls))[1]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def val_runs(model_dir):
+    val, reproduced = greedy_turn_samples(model_dir)
+    one = distributed.run(_val_worker, 1, model_dir, val, [dict(sp=1, mbs=4, packed=True), dict(sp=1, mbs=1, packed=False),
+                                                          dict(sp=1, mbs=3, packed=True)])[0]
+    two = distributed.run(_val_worker, 2, model_dir, val, [dict(sp=1, mbs=2, packed=True), dict(sp=2, mbs=4, packed=True),
+                                                          dict(sp=2, mbs=1, packed=True), dict(sp=1, mbs=3, packed=False)])
+    return val, reproduced, one, two
+
+
+def test_turn_exact_is_what_greedy_decoding_reproduces(val_runs):
+    val, reproduced, one, _ = val_runs
+    rec, per_turn = one[0]
+    exact = ((per_turn[0] > 0) & (per_turn[1] == 0)).tolist()
+    assert exact == reproduced and 0 < sum(reproduced) < len(reproduced)  # both outcomes, turn by turn
+    calls = np.concatenate([s[3] for s in val]).astype(bool)
+    assert rec["val/turns"] == len(reproduced) and rec["val/tool_call_turns"] == calls.sum() > 0
+    assert rec["val/turn_exact"] == pytest.approx(np.mean(reproduced))
+    assert rec["val/tool_call_exact"] == pytest.approx(np.mean(np.array(reproduced)[calls]))
+    assert 0 < rec["val/token_acc"] < 1
+
+
+def test_val_metrics_identical_across_layouts(val_runs):
+    """micro-batch 1 == 3 == 4, padded == packed, dp=2 and sp=2 == 1 process: the same counts, fractions and
+    per-turn results (the loss to rounding)."""
+    _, _, one, two = val_runs
+    ref, ref_turns = one[0]
+    for rec, per_turn in one[1:] + [r for rank in two for r in rank]:
+        assert torch.equal(per_turn, ref_turns)
+        assert {k: v for k, v in rec.items() if k != "val/loss"} == {k: v for k, v in ref.items() if k != "val/loss"}
+        assert rec["val/loss"] == pytest.approx(ref["val/loss"], rel=1e-5)
+
+
 def _resume_worker(rank, world_size, model_dir, out, layouts):
     """Per (a, b): two steps with fsdp_size=a, a checkpoint after the first; then the second step
     again after resuming that checkpoint into fsdp_size=b. Returns (loss, weights) of step 2 both ways."""
@@ -323,6 +399,8 @@ def test_real_tokenizer_and_reference_parquet_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     rec = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())
     assert rec["step"] == 1 and 11 < rec["train/loss"] < 13 and 11 < rec["val/loss"] < 13  # ~ln(151936) = 11.9
+    assert rec["val/turns"] > rec["val/tool_call_turns"] > 0 and 0 <= rec["val/tool_call_exact"] <= 1
+    assert f"turn_exact {rec['val/turn_exact']:.3f} of {rec['val/turns']}" in p.stdout
     hf = tmp_path / "out" / "global_step_1" / "huggingface"
     assert (hf / "tokenizer_config.json").read_text() == (qwen / "tokenizer_config.json").read_text()
     M.load_pretrained(hf)
