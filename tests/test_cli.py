@@ -10,6 +10,7 @@ import pytest
 
 import demo
 import templates
+import cli
 import train
 from conftest import REFERENCE, ROOT
 
@@ -55,8 +56,8 @@ OLD_DEFAULTS = dict(lr=1e-5, betas=[0.9, 0.95], warmup_steps_ratio=0.1, lr_sched
 # --------------------------------------------------------------------------- parsing
 
 def test_current_example_parses_onto_the_same_dests():
-    a = train.parse_args(current_example(train="/d/t.parquet", val="/d/v.parquet", model="/m/q", out="/s/o"))
-    assert a.dialect == train.CURRENT
+    a = cli.parse_args(current_example(train="/d/t.parquet", val="/d/v.parquet", model="/m/q", out="/s/o"))
+    assert a.dialect == cli.CURRENT
     assert a.train_files == ["/d/t.parquet"] and a.val_files == ["/d/v.parquet"] and a.partial_pretrain == "/m/q"
     assert (a.messages_key, a.micro_batch_size_per_gpu, a.use_remove_padding, a.sp_size) == ("messages", 2, True, 2)
     assert (a.engine, a.default_local_dir, a.logger, a.total_training_steps) == ("fsdp", "/s/o", ["console", "wandb"], 2)
@@ -64,7 +65,7 @@ def test_current_example_parses_onto_the_same_dests():
 
 
 def test_current_defaults_are_verls():
-    a = vars(train.parse_args(["model.path=/m"]))
+    a = vars(cli.parse_args(["model.path=/m"]))
     assert {k: a[k] for k in VERL_CURRENT_DEFAULTS} == VERL_CURRENT_DEFAULTS
     assert a["multiturn"] is True and a["enable_thinking_default"] is None and a["chat_template"] == "auto"
     assert a["default_local_dir"] == "checkpoints/gsm8k-sft/test"
@@ -73,21 +74,21 @@ def test_current_defaults_are_verls():
 @pytest.mark.parametrize("argv", [[], ["data.max_length=64", "trainer.total_epochs=1"],
                                   ["model.partial_pretrain=/m", "ulysses_sequence_parallel_size=2"]])
 def test_old_or_shared_keys_keep_todays_defaults(argv):
-    a = train.parse_args(argv)
-    assert a.dialect == train.OLD
+    a = cli.parse_args(argv)
+    assert a.dialect == cli.OLD
     assert {k: getattr(a, k) for k in OLD_DEFAULTS} == OLD_DEFAULTS
     # and the current trainer's extra options stay at the values that mean today's behaviour
     assert (a.lr_warmup_steps, a.min_lr_ratio, a.num_cycles, a.optimizer_offload) == (-1, 0.0, 0.5, False)
 
 
 def test_a_current_only_key_switches_every_default():
-    a, b = train.parse_args(["data.max_length=64"]), train.parse_args(["data.max_length=64", "optim.min_lr_ratio=0.1"])
-    assert (a.dialect, b.dialect) == (train.OLD, train.CURRENT)
+    a, b = cli.parse_args(["data.max_length=64"]), cli.parse_args(["data.max_length=64", "optim.min_lr_ratio=0.1"])
+    assert (a.dialect, b.dialect) == (cli.OLD, cli.CURRENT)
     assert {k: getattr(b, k) for k in OLD_DEFAULTS} == {k: VERL_CURRENT_DEFAULTS.get(k, True) for k in OLD_DEFAULTS}
 
 
 def test_explicit_values_win_over_either_default():
-    a = train.parse_args(["model.path=/m", "optim.lr=2e-5", "data.use_dynamic_bsz=false", "optim.lr_scheduler_type=cosine",
+    a = cli.parse_args(["model.path=/m", "optim.lr=2e-5", "data.use_dynamic_bsz=false", "optim.lr_scheduler_type=cosine",
                           "optim.lr_warmup_steps=7", "optim.num_cycles=1", "--engine.param_offload", "true"])
     assert (a.lr, a.use_dynamic_bsz, a.lr_scheduler, a.lr_warmup_steps, a.num_cycles, a.offload_params) == (
         2e-5, False, "cosine", 7, 1.0, True)
@@ -99,16 +100,16 @@ def test_explicit_values_win_over_either_default():
                                      ("+optim.lr_scheduler_type=cosine", "optim.warmup_steps_ratio=0.1")])
 def test_mixed_command_is_one_sentence_naming_a_key_of_each(new, old):
     for argv in ([new, old], [old, new]):
-        with pytest.raises(train.ConfigError) as e:
-            train.parse_args(["data.max_length=64"] + argv)
+        with pytest.raises(cli.ConfigError) as e:
+            cli.parse_args(["data.max_length=64"] + argv)
         msg = str(e.value)
         assert msg.count(".") >= 1 and "\n" not in msg
         assert new.lstrip("+").split("=")[0] in msg and old.split("=")[0] in msg and "one of the two" in msg
 
 
 def test_mixed_command_names_the_current_spelling():
-    with pytest.raises(train.ConfigError, match="its sft_trainer name is engine.ulysses_sequence_parallel_size"):
-        train.parse_args(["model.path=/m", "ulysses_sequence_parallel_size=2"])
+    with pytest.raises(cli.ConfigError, match="its sft_trainer name is engine.ulysses_sequence_parallel_size"):
+        cli.parse_args(["model.path=/m", "ulysses_sequence_parallel_size=2"])
 
 
 @pytest.mark.parametrize("argv,suggestion", [
@@ -122,28 +123,28 @@ def test_mixed_command_names_the_current_spelling():
 ])
 def test_typo_names_the_closest_key_of_the_commands_dialect(argv, suggestion):
     bad = argv[-1].split("=")[0]
-    with pytest.raises(train.ConfigError, match=f"unknown key '{bad}' \\(did you mean {suggestion}\\?\\)"):
-        train.parse_args(argv)
+    with pytest.raises(cli.ConfigError, match=f"unknown key '{bad}' \\(did you mean {suggestion}\\?\\)"):
+        cli.parse_args(argv)
 
 
 @pytest.mark.parametrize("dialect_key", ["model.path=/m", "model.partial_pretrain=/m"])
 def test_template_kwargs_with_and_without_plus_in_both_dialects(dialect_key):
-    a = train.parse_args([dialect_key, "+data.apply_chat_template_kwargs.enable_thinking=false",
+    a = cli.parse_args([dialect_key, "+data.apply_chat_template_kwargs.enable_thinking=false",
                           "data.apply_chat_template_kwargs.n=3", "--data.apply_chat_template_kwargs.x", "0.5",
                           "data.apply_chat_template_kwargs.name='true'", "data.apply_chat_template_kwargs.z=null",
                           "data.apply_chat_template_kwargs.s=hello"])
     assert a.apply_chat_template_kwargs == dict(enable_thinking=False, n=3, x=0.5, name="true", z=None, s="hello")
-    assert a.dialect == (train.CURRENT if dialect_key.startswith("model.path") else train.OLD)
+    assert a.dialect == (cli.CURRENT if dialect_key.startswith("model.path") else cli.OLD)
     assert type(a.apply_chat_template_kwargs["enable_thinking"]) is bool
 
 
 def test_template_kwargs_dict_form_and_later_wins():
-    a = train.parse_args(["data.apply_chat_template_kwargs.a=1", "data.apply_chat_template_kwargs={enable_thinking: True, b: x}",
+    a = cli.parse_args(["data.apply_chat_template_kwargs.a=1", "data.apply_chat_template_kwargs={enable_thinking: True, b: x}",
                           "data.apply_chat_template_kwargs.b=2"])
     assert a.apply_chat_template_kwargs == dict(enable_thinking=True, b=2)
-    assert train.parse_args(["data.apply_chat_template_kwargs={}"]).apply_chat_template_kwargs == {}
-    assert train.parse_args([]).apply_chat_template_kwargs == {} and train.parse_args([]).apply_chat_template_kwargs \
-        is not train.parse_args([]).apply_chat_template_kwargs
+    assert cli.parse_args(["data.apply_chat_template_kwargs={}"]).apply_chat_template_kwargs == {}
+    assert cli.parse_args([]).apply_chat_template_kwargs == {} and cli.parse_args([]).apply_chat_template_kwargs \
+        is not cli.parse_args([]).apply_chat_template_kwargs
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -156,13 +157,13 @@ def test_template_kwargs_dict_form_and_later_wins():
     (["data.pad_mode=left"], "invalid choice"),
 ])
 def test_bad_values_are_one_sentence(argv, message):
-    with pytest.raises(train.ConfigError, match=message):
-        train.parse_args(argv)
+    with pytest.raises(cli.ConfigError, match=message):
+        cli.parse_args(argv)
 
 
 @pytest.mark.parametrize("value,expected", [("true", True), ("False", False), ("null", None), ("none", None)])
 def test_enable_thinking_default(value, expected):
-    assert train.parse_args([f"data.enable_thinking_default={value}"]).enable_thinking_default is expected
+    assert cli.parse_args([f"data.enable_thinking_default={value}"]).enable_thinking_default is expected
 
 
 def test_custom_chat_template_only_as_an_official_text():
@@ -170,10 +171,10 @@ def test_custom_chat_template_only_as_an_official_text():
     if not qwen.is_dir():
         pytest.skip("../shared/reference not present")
     text = templates.read_template(qwen)
-    assert train.parse_args(["model.path=/m", f"model.custom_chat_template={text}"]).chat_template == "qwen2.5"
+    assert cli.parse_args(["model.path=/m", f"model.custom_chat_template={text}"]).chat_template == "qwen2.5"
     for argv in ([f"model.custom_chat_template={text} "], [f"model.custom_chat_template={text}", "data.chat_template=qwen3"]):
-        with pytest.raises(train.ConfigError, match="is not the exact text of an official"):
-            train.parse_args(argv)
+        with pytest.raises(cli.ConfigError, match="is not the exact text of an official"):
+            cli.parse_args(argv)
 
 
 @pytest.mark.parametrize("extra,world,message", [
@@ -191,19 +192,19 @@ def test_custom_chat_template_only_as_an_official_text():
     ([], 1, "data file x does not exist"),
 ])
 def test_combinations_name_the_current_keys(extra, world, message):
-    args = train.parse_args(["data.train_files=x", "model.path=y"] + extra)
-    with pytest.raises(train.ConfigError, match=message):
-        train.validate(args, world)
+    args = cli.parse_args(["data.train_files=x", "model.path=y"] + extra)
+    with pytest.raises(cli.ConfigError, match=message):
+        cli.validate(args, world)
 
 
 def test_accepted_current_keys_validate():
-    args = train.parse_args(["data.train_files=x", "model.path=y", "data.ignore_input_ids_mismatch=true",
+    args = cli.parse_args(["data.train_files=x", "model.path=y", "data.ignore_input_ids_mismatch=true",
                              "data.num_workers=0", "trainer.balance_batch=false", "engine=fsdp2",
                              "checkpoint.save_contents=[model,optimizer,extra,hf_model]", "engine.offload_policy=true"])
-    with pytest.raises(train.ConfigError, match="data file x does not exist"):  # every key check passed
-        train.validate(args, 2)
-    with pytest.raises(train.ConfigError, match="model.path is required"):
-        train.validate(train.parse_args(["data.train_files=x", "data.messages_key=m"]), 1)
+    with pytest.raises(cli.ConfigError, match="data file x does not exist"):  # every key check passed
+        cli.validate(args, 2)
+    with pytest.raises(cli.ConfigError, match="model.path is required"):
+        cli.validate(cli.parse_args(["data.train_files=x", "data.messages_key=m"]), 1)
 
 
 # --------------------------------------------------------------------------- schedules

@@ -11,7 +11,7 @@ import checkpoint
 import demo
 import lora
 import model as M
-import train
+import cli
 from test_resume import job_args, metrics, run_train
 from test_train import model_dir, one_step, save, tiny_model  # noqa: F401 (model_dir: a fixture)
 from tests_util import distributed
@@ -172,14 +172,14 @@ def _lora_step_worker(rank, world_size, model_dir, variants, save_dir):
     lora.apply = apply_with_trained_b
     results = []
     for v in variants:
-        args = train.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}",
+        args = cli.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}",
                                  "data.train_batch_size=8", "data.max_length=20", "use_remove_padding=true",
                                  f"ulysses_sequence_parallel_size={v['sp']}", f"data.micro_batch_size_per_gpu={v['mbs']}",
                                  "trainer.device=cpu", f"model.enable_gradient_checkpointing={v.get('ckpt', False)}",
                                  f"model.fsdp_config.model_dtype={v.get('dtype', 'fp32')}", "model.lora_rank=4",
                                  "model.lora_alpha=8", "model.target_modules=[q_proj,v_proj,o_proj,up_proj,down_proj]",
                                  f"trainer.default_local_dir={save_dir}", "optim.lr=1e-2", "optim.weight_decay=0.1"])
-        train.validate(args, world_size)
+        cli.validate(args, world_size)
         model, rank_batches = tiny_model(args, world_size)
         loss, n_tokens = one_step(model, rank_batches)
         trained = [p for p in model.parameters() if p.requires_grad]

@@ -13,6 +13,7 @@ import demo
 import lora
 import model as M
 import parallel
+import cli
 import train
 from test_lora import set_lora_b
 from test_resume import job_args, run_train
@@ -44,8 +45,8 @@ def _step_worker(rank, world_size, model_dir, variants):
                 f"data.micro_batch_size_per_gpu={v.get('mbs', 4)}", "trainer.device=cpu",
                 f"model.enable_gradient_checkpointing={v.get('ckpt', False)}"]
         argv += ["model.lora_rank=4", "model.lora_alpha=8"] if v.get("lora") else []
-        args = train.parse_args(argv)
-        train.validate(args, world_size)
+        args = cli.parse_args(argv)
+        cli.validate(args, world_size)
         model, rank_batches = tiny_model(args, world_size)
         loss, n_tokens = train.forward_backward(model, rank_batches(samples(), np.arange(8))[0], world_size)
         trained = [p for p in model.parameters() if p.requires_grad]
@@ -111,10 +112,10 @@ def test_impossible_sp_sizes_name_the_linear_heads():
 
 
 def test_mtp_training_refused_in_one_sentence():
-    with pytest.raises(train.ConfigError, match=r"^model\.mtp\.enable_train=true asks for multi-token-prediction "
+    with pytest.raises(cli.ConfigError, match=r"^model\.mtp\.enable_train=true asks for multi-token-prediction "
                                                 r"training, .*remove the model\.mtp\.\* keys\.$"):
-        train.parse_args(["model.mtp.enable_train=true"])
-    train.parse_args(["model.mtp.enable=false", "model.mtp.mtp_loss_scaling_factor=0.1"])  # off: accepted
+        cli.parse_args(["model.mtp.enable_train=true"])
+    cli.parse_args(["model.mtp.enable=false", "model.mtp.mtp_loss_scaling_factor=0.1"])  # off: accepted
 
 
 # --------------------------------------------------------------------------- LoRA against peft

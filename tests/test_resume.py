@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import demo
 import model as M
 import checkpoint
-import train
+import cli
 from tests_util import distributed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +133,7 @@ def test_repeated_nonfinite_grads_stop_the_run(tiny_job, tmp_path):
 def _crash_worker(rank, world_size, paths, out):
     from test_train import load, tiny_model
     from test_train import save as save_as_run
-    args = train.parse_args(job_args(paths, out, "trainer.max_ckpt_to_keep=5"))
+    args = cli.parse_args(job_args(paths, out, "trainer.max_ckpt_to_keep=5"))
     model, _ = tiny_model(args, world_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)

@@ -8,6 +8,7 @@ import model as M
 import parallel
 import checkpoint
 import generate
+import cli
 import train
 from tests_util import distributed
 
@@ -23,7 +24,7 @@ ulysses_sequence_parallel_size=2 use_remove_padding=true
 
 
 def test_reference_command_parses():
-    a = train.parse_args(REFERENCE_COMMAND)
+    a = cli.parse_args(REFERENCE_COMMAND)
     assert a.train_files == ["/d/train.parquet"] and a.val_files == ["/d/train.parquet"]
     assert (a.max_length, a.train_batch_size, a.micro_batch_size_per_gpu) == (16384, 16, 2)
     assert a.multiturn is True and a.messages_key == "messages" and a.tools_key == "tools"
@@ -37,13 +38,13 @@ def test_reference_command_parses():
 
 
 def test_argument_forms_aliases_and_later_wins():
-    a = train.parse_args(["--data.max_length", "64", "--optim.lr=2e-4", "+data.micro_batch_size=3",
+    a = cli.parse_args(["--data.max_length", "64", "--optim.lr=2e-4", "+data.micro_batch_size=3",
                           "optim.lr_warmup_steps_ratio=0.5", "data.max_length=128", "trainer.logger=[console,wandb]",
                           "optim.betas=[0.8, 0.9]", "trainer.total_training_steps=null", "data.val_files=None"])
     assert a.max_length == 128 and a.lr == 2e-4 and a.micro_batch_size_per_gpu == 3
     assert a.warmup_steps_ratio == 0.5 and a.logger == ["console", "wandb"] and a.betas == [0.8, 0.9]
     assert a.total_training_steps is None and a.val_files is None
-    assert train.parse_args([]).default_local_dir == "checkpoints/gsm8k-sft/test"
+    assert cli.parse_args([]).default_local_dir == "checkpoints/gsm8k-sft/test"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -55,8 +56,8 @@ def test_argument_forms_aliases_and_later_wins():
     (["stray"], "argument 'stray' is not key=value"),
 ])
 def test_bad_command_lines(argv, message):
-    with pytest.raises(train.ConfigError) as e:
-        train.parse_args(argv)
+    with pytest.raises(cli.ConfigError) as e:
+        cli.parse_args(argv)
     assert message in str(e.value)
 
 
@@ -86,9 +87,9 @@ def test_bad_command_lines(argv, message):
 ])
 def test_bad_combinations(extra, world, message):
     # each combination error comes before the file checks, so the paths need not exist
-    args = train.parse_args(["data.train_files=x", "model.partial_pretrain=y"] + extra)
-    with pytest.raises(train.ConfigError, match=message):
-        train.validate(args, world)
+    args = cli.parse_args(["data.train_files=x", "model.partial_pretrain=y"] + extra)
+    with pytest.raises(cli.ConfigError, match=message):
+        cli.validate(args, world)
 
 
 def test_schedule_first_update_nonzero_and_cosine_to_zero():
@@ -151,13 +152,13 @@ def load(args, path, model, optimizer, scheduler):
 def _step_worker(rank, world_size, model_dir, variants, save_dir):
     results = []
     for v in variants:
-        args = train.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}", "data.train_batch_size=8", "data.max_length=20",
+        args = cli.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}", "data.train_batch_size=8", "data.max_length=20",
                                  f"ulysses_sequence_parallel_size={v['sp']}", f"use_remove_padding={v['packed']}",
                                  f"data.micro_batch_size_per_gpu={v['mbs']}", "trainer.device=cpu",
                                  f"model.enable_gradient_checkpointing={v.get('ckpt', False)}",
                                  f"trainer.default_local_dir={save_dir}", "optim.lr=1e-2",
                                  f"data.use_dynamic_bsz={'dynamic' in v}", f"data.max_token_len_per_gpu={v.get('dynamic', 20)}"])
-        train.validate(args, world_size)
+        cli.validate(args, world_size)
         model, rank_batches = tiny_model(args, world_size, v.get("fsdp", -1), torch.bfloat16 if v.get("bf16") else None)
         loss, n_tokens = one_step(model, rank_batches)
         grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
@@ -259,7 +260,7 @@ def _val_worker(rank, world_size, model_dir, val, variants):
     calls = torch.from_numpy(np.concatenate([s[3] for s in val])).bool()
     out = []
     for v in variants:
-        args = train.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}",
+        args = cli.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}",
                                  f"ulysses_sequence_parallel_size={v['sp']}", f"use_remove_padding={v['packed']}",
                                  f"data.micro_batch_size_per_gpu={v['mbs']}", "trainer.device=cpu"])
         model, rank_batches = tiny_model(args, world_size)
@@ -306,7 +307,7 @@ def _resume_worker(rank, world_size, model_dir, out, layouts):
     again after resuming that checkpoint into fsdp_size=b. Returns (loss, weights) of step 2 both ways."""
     results = []
     for a, b in layouts:
-        args = train.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}",
+        args = cli.parse_args([f"model.partial_pretrain={model_dir}", f"data.train_files={model_dir}",
                                  "data.train_batch_size=4", "data.micro_batch_size_per_gpu=1", "use_remove_padding=true",
                                  "trainer.device=cpu", "model.enable_gradient_checkpointing=false",
                                  f"trainer.default_local_dir={out / f'{a}_to_{b}'}"])
@@ -368,9 +369,9 @@ def test_missing_logger_package_is_one_sentence():
     import importlib.util
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
-    args = train.parse_args(["data.train_files=x", "model.partial_pretrain=y", "trainer.logger=['console','wandb']"])
-    with pytest.raises(train.ConfigError, match="includes wandb but it is not installed; pip install wandb"):
-        train.validate(args, 1)
+    args = cli.parse_args(["data.train_files=x", "model.partial_pretrain=y", "trainer.logger=['console','wandb']"])
+    with pytest.raises(cli.ConfigError, match="includes wandb but it is not installed; pip install wandb"):
+        cli.validate(args, 1)
 
 
 def test_real_tokenizer_and_reference_parquet_end_to_end(tmp_path):
