@@ -83,23 +83,16 @@ class Cache:
         """Layer i's mix_fn: model.gated_delta_mix continued from the stored conv window and state (zero before
         the prompt), which it then replaces. The prompt runs the chunked delta rule (Triton on CUDA); each
         decoding step one step of the token-by-token recurrence from the stored state."""
-        (n, C), Hv, K = qkv.shape, b.shape[1], conv_weight.shape[-1]
-        Hk = (C - Hv * head_v_dim) // (2 * head_k_dim)
+        C, K = qkv.shape[1], conv_weight.shape[-1]
         window = self.conv[i] if self.conv[i] is not None else qkv.new_zeros(K - 1, C)
         x = torch.cat([window, qkv])  # (K-1+n, C): a zero window is the conv's own zero padding
         self.conv[i] = x[x.shape[0] - (K - 1):]
         whole = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
         qkv = M.causal_conv1d_varlen(x, conv_weight.squeeze(1), whole)[K - 1:]  # (n, C)
-        # From here on as in model.gated_delta_mix: one l2-normalised q/k per value head, the gates in fp32.
-        q, k, v = qkv.split([Hk * head_k_dim, Hk * head_k_dim, Hv * head_v_dim], dim=-1)
-        q = M.l2norm(q.reshape(n, Hk, head_k_dim)).repeat_interleave(Hv // Hk, dim=1)  # (n, Hv, Dk)
-        k = M.l2norm(k.reshape(n, Hk, head_k_dim)).repeat_interleave(Hv // Hk, dim=1)  # (n, Hv, Dk)
-        v = v.reshape(n, Hv, head_v_dim)  # (n, Hv, Dv)
-        beta = b.sigmoid()
-        g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())  # (n, Hv)
         rule = chunk_gated_delta_rule if self.state[i] is None else gated_delta_rule_reference
-        o, self.state[i] = rule(q[None], k[None], v[None], g[None], beta[None], scale=head_k_dim ** -0.5,
-                                initial_state=self.state[i], output_final_state=True)  # state (1, Hv, Dk, Dv)
+        o, self.state[i] = rule(*M.delta_rule_inputs(qkv, b, a, A_log, dt_bias, head_k_dim, head_v_dim),
+                                scale=head_k_dim ** -0.5, initial_state=self.state[i],
+                                output_final_state=True)  # state (1, Hv, Dk, Dv)
         return o[0]  # (n, Hv, Dv)
 
 

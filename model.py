@@ -319,15 +319,11 @@ def l2norm(x, eps=1e-6):
     return (y * torch.rsqrt(y.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def gated_delta_mix(qkv, b, a, conv_weight, A_log, dt_bias, cu_seqlens, head_k_dim, head_v_dim):
-    """The token-mixing core of a Gated DeltaNet layer: qkv (T, 2*Hk*Dk + Hv*Dv), b/a (T, Hv) -> o (T, Hv, Dv).
-
-    The head counts come from the shapes, so Ulysses can call it on a head shard (its slices of qkv's q/k/v
-    channels, of conv_weight (C, 1, K) and of A_log/dt_bias (Hv,)) over the whole stream.
-    """
+def delta_rule_inputs(qkv, b, a, A_log, dt_bias, head_k_dim, head_v_dim):
+    """After the conv: qkv (T, 2*Hk*Dk + Hv*Dv), b/a (T, Hv) -> q, k (1, T, Hv, Dk), v (1, T, Hv, Dv), g, beta (1, T, Hv)
+    as the delta rule takes them. Head counts come from the shapes (a Ulysses head shard passes as it is)."""
     T, Hv = b.shape
     Hk = (qkv.shape[1] - Hv * head_v_dim) // (2 * head_k_dim)
-    qkv = causal_conv1d_varlen(qkv, conv_weight.squeeze(1), cu_seqlens)
     q, k, v = qkv.split([Hk * head_k_dim, Hk * head_k_dim, Hv * head_v_dim], dim=-1)
     # Key head i serves the Hv/Hk consecutive value heads i*Hv/Hk ...; the delta rule wants one q/k per value head.
     q = l2norm(q.reshape(T, Hk, head_k_dim)).repeat_interleave(Hv // Hk, dim=1)  # (T, Hv, Dk)
@@ -335,8 +331,18 @@ def gated_delta_mix(qkv, b, a, conv_weight, A_log, dt_bias, cu_seqlens, head_k_d
     v = v.reshape(T, Hv, head_v_dim)  # (T, Hv, Dv)
     beta = b.sigmoid()  # how much of each token's correction is written to the state
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())  # (T, Hv) log-decay <= 0, fp32
-    o, _ = chunk_gated_delta_rule(q[None], k[None], v[None], g[None], beta[None], scale=head_k_dim ** -0.5,
-                                  cu_seqlens=cu_seqlens)  # zero state at every sample start
+    return q[None], k[None], v[None], g[None], beta[None]
+
+
+def gated_delta_mix(qkv, b, a, conv_weight, A_log, dt_bias, cu_seqlens, head_k_dim, head_v_dim):
+    """The token-mixing core of a Gated DeltaNet layer: qkv (T, 2*Hk*Dk + Hv*Dv), b/a (T, Hv) -> o (T, Hv, Dv).
+
+    The head counts come from the shapes, so Ulysses can call it on a head shard (its slices of qkv's q/k/v
+    channels, of conv_weight (C, 1, K) and of A_log/dt_bias (Hv,)) over the whole stream.
+    """
+    qkv = causal_conv1d_varlen(qkv, conv_weight.squeeze(1), cu_seqlens)
+    o, _ = chunk_gated_delta_rule(*delta_rule_inputs(qkv, b, a, A_log, dt_bias, head_k_dim, head_v_dim),
+                                  scale=head_k_dim ** -0.5, cu_seqlens=cu_seqlens)  # zero state at every sample start
     return o[0]  # (T, Hv, Dv)
 
 
