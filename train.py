@@ -308,7 +308,8 @@ def run(args):
     model = parallel.parallelize(model, world_mesh, dp_sp["sp"].get_group(), sp_size,
                                  param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                  recompute=args.enable_gradient_checkpointing,
-                                 cpu_offload=(args.cpu_offload or args.offload_params or args.optimizer_offload) and device.type == "cuda")
+                                 cpu_offload=device.type == "cuda" and (args.cpu_offload or args.offload_params
+                                                                        or args.optimizer_offload))
     log(f"model: {M.num_params(model) / 1e6:.1f}M parameters, world {world_size} = dp {dp_size} x sp {sp_size}, "
         f"{'hsdp %d x %d, ' % world_mesh.shape if world_mesh.ndim == 2 else ''}{device.type}")
     trained = [p for p in model.parameters() if p.requires_grad]  # all, or only the LoRA adapters
@@ -340,8 +341,8 @@ def run(args):
     val_calls = torch.from_numpy(np.concatenate([s[3] for s in val])).bool() if val else None
     steps_per_epoch = len(train) // args.train_batch_size
     if steps_per_epoch == 0:
-        raise cli.ConfigError(f"data.train_batch_size={args.train_batch_size} exceeds the {len(train)} training "
-                          "samples; lower data.train_batch_size.")
+        raise cli.ConfigError(f"data.train_batch_size={args.train_batch_size} exceeds the {len(train)} "
+                              "training samples; lower data.train_batch_size.")
     total_steps = steps_per_epoch * args.total_epochs
     stop_at = min(total_steps, args.total_training_steps or total_steps)
     log(f"data: {len(train)} train samples{f', {len(val)} val' if val else ''}; {steps_per_epoch} steps/epoch "
@@ -458,8 +459,8 @@ def preflight(args, world_size):
     if args.train_max_samples > 0:  # as run() keeps the first N
         n_train = min(n_train, args.train_max_samples)
     if n_train < args.train_batch_size:
-        raise cli.ConfigError(f"data.train_batch_size={args.train_batch_size} exceeds the {n_train} training "
-                          "samples; lower data.train_batch_size.")
+        raise cli.ConfigError(f"data.train_batch_size={args.train_batch_size} exceeds the {n_train} "
+                              "training samples; lower data.train_batch_size.")
     checkpoint.find_resume(Path(args.default_local_dir), args.resume_mode, args.resume_from_path)  # a broken pointer
 
 
