@@ -103,10 +103,13 @@ def lm_head_loss_cases():
     V = 248320  # Qwen3.5's vocab (Qwen2.5/3: 151,936); the launch below is the one _ce_rows_triton makes on CUDA
     cases = []
     for dtype in ("bfloat16", "float32"):  # the compute dtype: autocast's, or the hidden states' own
-        for write_grad in (True, False):
-            args = (MockTensor(getattr(torch, dtype)), V, MockTensor(torch.int64), MockTensor(torch.float32), V)
-            cases.append((f"ce_rows {dtype} write_grad={write_grad}", L._ce_rows_kernel, args,
-                          dict(WRITE_GRAD=write_grad, BLOCK=min(triton.next_power_of_2(V), 4096), num_warps=8)))
+        # (training: gradients; evaluation: losses only, or with per-row argmax-correctness into an int8 buffer)
+        for write_grad, write_correct in ((True, False), (False, False), (False, True)):
+            correct = MockTensor(torch.int8 if write_correct else torch.float32)  # unused: the losses buffer
+            args = (MockTensor(getattr(torch, dtype)), V, MockTensor(torch.int64), MockTensor(torch.float32), correct, V)
+            cases.append((f"ce_rows {dtype} write_grad={write_grad} write_correct={write_correct}", L._ce_rows_kernel,
+                          args, dict(WRITE_GRAD=write_grad, WRITE_CORRECT=write_correct,
+                                     BLOCK=min(triton.next_power_of_2(V), 4096), num_warps=8)))
     return cases
 
 
