@@ -3,9 +3,9 @@
     python demo.py OUT_DIR [--seed 0] [--train_rows 2048] [--val_rows 16]
 
 writes OUT_DIR/model/ (config.json, generation_config.json, model.safetensors, tokenizer.json,
-tokenizer_config.json) and OUT_DIR/data/{train,val}.parquet. Everything is a pure function of the
-seed and the row counts: the same arguments give the same bytes, so a fresh machine with no
-internet and no GPU can still run the reference job end to end. The tokenizer is a byte-level BPE
+tokenizer_config.json), OUT_DIR/data/{train,val}.parquet and OUT_DIR/version.txt (VERSION below).
+Everything is a pure function of the seed and the row counts: the same arguments give the same
+bytes, so a fresh machine with no internet and no GPU can still run the reference job end to end. The tokenizer is a byte-level BPE
 trained on the rows as data.py renders them; the weights come from model.build_random.
 """
 import argparse
@@ -24,13 +24,19 @@ import data
 import model
 import templates
 
+# Bumped whenever the files written change: run.sh rebuilds a demo/ whose version.txt differs
+# (it greps this line, so keep it one plain integer).
+VERSION = 2
+
 # --- sizes
 # A real Qwen2 (GQA, q/k/v bias, tied embeddings, rope_theta 1e6) shrunk to train in seconds on two
-# CPU cores. 4 query / 2 KV heads: both divisible by Ulysses sp=2. head_dim = 128 / 4 = 32.
+# CPU cores. 8 query / 4 KV heads (both divisible by Ulysses sp=2), head_dim = 128 / 8 = 16: more
+# heads at the same width cost little and let the tool call's numbers be copied from the question
+# sooner than 4 wider heads did (val/tool_call_exact 0.15 against 0.10 in the same 256 steps).
 CONFIG = dict(
     architectures=["Qwen2ForCausalLM"], attention_dropout=0.0, hidden_act="silu", hidden_size=128,
     initializer_range=0.02, intermediate_size=352, max_position_embeddings=32768, max_window_layers=2,
-    model_type="qwen2", num_attention_heads=4, num_hidden_layers=2, num_key_value_heads=2,
+    model_type="qwen2", num_attention_heads=8, num_hidden_layers=2, num_key_value_heads=4,
     rms_norm_eps=1e-06, rope_theta=1000000.0, sliding_window=32768, tie_word_embeddings=True,
     torch_dtype="float32", transformers_version="4.43.1", use_cache=True, use_sliding_window=False)
 # An upper bound: on the default rows BPE runs out of pairs to merge at ~970 tokens (256 bytes +
@@ -113,8 +119,8 @@ TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "The code to execute."}},
                    "required": ["code"]}}}
 SUFFIX = "\n\nRemember to place the final answer in the last part using the format: \n\n\\boxed{'The final answer goes here.'}"
-SYSTEMS = [None, None, "You are a careful math assistant. Use the code interpreter to check every computation.",
-           "You are a helpful assistant that solves math problems step by step."]
+CAREFUL = "You are a careful math assistant. Use the code interpreter to check every computation."
+SYSTEMS = [None, None, CAREFUL, "You are a helpful assistant that solves math problems step by step."]
 
 
 # Each problem returns its question, the reasoning before the first call, the code, what the code
@@ -122,24 +128,24 @@ SYSTEMS = [None, None, "You are a careful math assistant. Use the code interpret
 # Printed output is computed here from the same numbers the code uses, so every tool turn is what
 # the interpreter would really print, without executing anything.
 def p_arith(r):
-    a, b, c, d = r.randint(12, 999), r.randint(2, 99), r.randint(1, 999), r.randint(1, 500)
+    a, b, c, d = r.randint(2, 9), r.randint(2, 9), r.randint(1, 9), r.randint(1, 9)
     v = a * b + c - d
     return dict(q=f"Compute ${a} \\times {b} + {c} - {d}$.", plan="I'll evaluate the expression with Python to avoid slips.",
                 code=f"print({a} * {b} + {c} - {d})", out=str(v), answer=str(v), close=f"The expression equals ${v}$.")
 
 
 def p_range_sum(r):
-    a = r.randint(1, 60)
-    b = a + r.randint(10, 400)
-    n, v = b - a + 1, (a + b) * (b - a + 1) // 2
+    a = r.randint(1, 9)
+    b = a + r.randint(10, 40)
+    v = (a + b) * (b - a + 1) // 2
     return dict(q=f"What is the sum of all integers from ${a}$ to ${b}$?",
-                plan=f"This is an arithmetic series with ${n}$ terms, so the sum is $\\frac{{({a} + {b}) \\cdot {n}}}{{2}}$. Let me compute it directly.",
+                plan=f"This is an arithmetic series from ${a}$ to ${b}$. Let me compute the sum directly.",
                 code=f"total = sum(range({a}, {b} + 1))\nprint(total)", out=str(v), answer=str(v), close=f"The sum is ${v}$.",
                 check=(f"# closed form\nn = {b} - {a} + 1\nprint(({a} + {b}) * n // 2)", str(v)))
 
 
 def p_powmod(r):
-    a, b, m = r.randint(2, 19), r.randint(20, 500), r.randint(3, 97)
+    a, b, m = r.randint(2, 9), r.randint(10, 40), r.randint(3, 9)
     v = pow(a, b, m)
     return dict(q=f"What is the remainder when ${a}^{{{b}}}$ is divided by ${m}$?",
                 plan=f"Powers of ${a}$ modulo ${m}$ repeat, but modular exponentiation is quicker to check.",
@@ -148,7 +154,7 @@ def p_powmod(r):
 
 
 def p_factorial(r):
-    n = r.randint(5, 20)
+    n = r.randint(3, 9)
     v = factorial(n)
     return dict(q=f"What is the product of all integers from $1$ to ${n}$?", plan=f"The product is ${n}!$. I'll compute it.",
                 code=f"import math\nprint(math.factorial({n}))", out=str(v), answer=str(v), close=f"So ${n}! = {v}$.",
@@ -156,7 +162,7 @@ def p_factorial(r):
 
 
 def p_digit_sum(r):
-    a, b = r.randint(2, 9), r.randint(10, 60)
+    a, b = r.randint(2, 9), r.randint(10, 40)
     s = str(a ** b)
     v = sum(int(c) for c in s)
     return dict(q=f"What is the sum of the digits of ${a}^{{{b}}}$?", plan=f"I'll expand ${a}^{{{b}}}$ and add its digits.",
@@ -165,7 +171,7 @@ def p_digit_sum(r):
 
 
 def p_divisors(r):
-    n = r.randint(12, 720)
+    n = r.randint(10, 99)
     ds = [d for d in range(1, n + 1) if n % d == 0]
     return dict(q=f"Find the sum of all positive divisors of ${n}$.", plan="Let me list the divisors by brute force.",
                 code=f"n = {n}\ndivisors = [d for d in range(1, n + 1) if n % d == 0]\nprint(len(divisors), sum(divisors))",
@@ -173,7 +179,7 @@ def p_divisors(r):
 
 
 def p_lcm(r):
-    a, b = r.randint(4, 300), r.randint(4, 300)
+    a, b = r.randint(4, 30), r.randint(4, 30)
     g, m = gcd(a, b), lcm(a, b)
     return dict(q=f"What is the least common multiple of ${a}$ and ${b}$?",
                 plan="The least common multiple is $\\frac{ab}{\\gcd(a, b)}$, so I need the greatest common divisor first.",
@@ -184,7 +190,7 @@ def p_lcm(r):
 
 def p_shop(r):
     name = r.choice(["Sam", "Maya", "Leo", "Ana", "Omar", "Lin"])
-    n, p, k, q = r.randint(2, 30), r.randint(2, 9), r.randint(2, 40), r.randint(1, 5)
+    n, p, k, q = r.randint(2, 9), r.randint(2, 9), r.randint(2, 9), r.randint(1, 5)
     v = n * p + k * q
     return dict(q=f"A bakery sells muffins for ${p}$ dollars each and cookies for ${q}$ dollars each. {name} buys "
                   f"{n} muffins and {k} cookies. How many dollars does {name} spend?",
@@ -222,16 +228,19 @@ def make_row(r):
     system = r.choice(SYSTEMS)
     msgs = [{"role": "system", "content": system, "tool_calls": None}] if system else []
     msgs.append({"role": "user", "content": p["q"] + SUFFIX, "tool_calls": None})
-    if r.random() < 0.15:
+    if r.random() < 0.1:
         # A failed first attempt, as in real ReTool traces: the last ")" of the code is missing and
         # the model recovers. The message is what compile() reports for that code (Python >= 3.10).
+        # Nothing in the prompt announces it, so no model reproduces that broken call.
         msgs += [call(p["plan"], p["code"][:-1]), tool("SyntaxError: '(' was never closed"),
                  call("There was a syntax error (missing parenthesis). Let me fix it.", p["code"])]
     else:
         msgs.append(call(p["plan"], p["code"]))
     msgs.append(tool(p["out"]))
     close = p["close"]
-    if p.get("check") and r.random() < 0.4:  # a cross-check call with empty content, as ReTool has
+    # A cross-check call with empty content, as ReTool has, when the system prompt asks for checks:
+    # decided by the prompt, not a coin, so greedy decoding can know whether the check comes.
+    if p.get("check") and system == CAREFUL:
         msgs += [call("", p["check"][0]), tool(p["check"][1])]
         close = "Both computations agree. " + close
     msgs.append({"role": "assistant", "content": f"{close}\n\n\n\\boxed{{{p['answer']}}}", "tool_calls": None})
@@ -332,12 +341,15 @@ def make_demo(out_dir, seed=0, train_rows=2048, val_rows=16):
                temperature=0.7, top_p=0.8, top_k=20, transformers_version="4.37.0")
     (paths["model"] / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     print(f"wrote {paths['model'] / 'generation_config.json'}")
-    # save_pretrained writes config.json after the weights, so it is the last file: run.sh takes
-    # an existing demo/model/config.json to mean a complete demo.
+    # save_pretrained writes config.json after the weights: an existing demo/model/config.json means
+    # complete weights (run.sh's own test is version.txt, written after it).
     m = model.build_random(config, seed=seed)
     model.save_pretrained(m, paths["model"])
     print(f"wrote {paths['model'] / 'model.safetensors'} ({model.num_params(m) / 1e6:.2f}M parameters, random init)")
     print(f"wrote {paths['model'] / 'config.json'}")
+    # Last of all, so a demo/ stopped halfway never carries the current version.
+    (out_dir / "version.txt").write_text(f"{VERSION}\n")
+    print(f"wrote {out_dir / 'version.txt'}")
     return paths
 
 

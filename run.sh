@@ -21,9 +21,10 @@ extra=()
 if [ -z "$user_paths" ] && { [ ! -f "$MODEL_PATH/config.json" ] || [ ! -e "$TRAIN_DATA" ]; }; then
   echo "run.sh: $MODEL_PATH or $TRAIN_DATA not found; using the embedded default instead:"
   echo "        a small random-init Qwen2 and a synthetic ReTool-style dataset (python demo.py demo)."
-  grep -qs chat_template demo/model/tokenizer_config.json || "$PYTHON" demo.py demo  # (re)built when absent or older
+  # (re)built when absent or written by another demo.py (its VERSION line against demo/version.txt)
+  [ "$(cat demo/version.txt 2>/dev/null)" = "$(sed -n 's/^VERSION = //p' demo.py)" ] || "$PYTHON" demo.py demo
   MODEL_PATH=$PWD/demo/model; TRAIN_DATA=$PWD/demo/data/train.parquet; EVAL_DATA=$PWD/demo/data/val.parquet
-  extra+=(optim.lr=3e-3)  # a random-init model learns nothing visible at the fine-tuning lr of 1e-5
+  extra+=(optim.lr=1e-2)  # a random-init model learns nothing visible at the fine-tuning lr of 1e-5
 fi
 for var in MODEL_PATH TRAIN_DATA EVAL_DATA; do  # a typo must not silently train something else
   [ -e "${!var}" ] || { echo "run.sh: error: $var=${!var} does not exist; fix the path (or set none of" \

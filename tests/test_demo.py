@@ -40,7 +40,10 @@ def test_same_bytes_every_run(built, tmp_path):
                          capture_output=True, text=True, timeout=120, check=True).stdout
     root = built["model"].parent
     assert files(root) == files(tmp_path / "out")
-    assert len(files(root)) == 7 and len(out.splitlines()) == 7  # one line per file written
+    assert len(files(root)) == 8 and len(out.splitlines()) == 8  # one line per file written
+    # run.sh rebuilds demo/ when this differs from the VERSION line it reads out of demo.py with sed.
+    line = re.search(r"^VERSION = (.*)$", (ROOT / "demo.py").read_text(), re.M).group(1)
+    assert (root / "version.txt").read_text() == f"{demo.VERSION}\n" == f"{line}\n"
     other = demo.make_demo(tmp_path / "seed1", seed=1, train_rows=8, val_rows=2)
     assert other["train"].read_bytes() != demo.make_demo(tmp_path / "seed0", train_rows=8, val_rows=2)["train"].read_bytes()
 
