@@ -22,7 +22,9 @@ if [ -z "$user_paths" ] && { [ ! -f "$MODEL_PATH/config.json" ] || [ ! -e "$TRAI
   echo "run.sh: $MODEL_PATH or $TRAIN_DATA not found; using the embedded default instead:"
   echo "        a small random-init Qwen2 and a synthetic ReTool-style dataset (python demo.py demo)."
   # (re)built when absent or written by another demo.py (its VERSION line against demo/version.txt)
-  [ "$(cat demo/version.txt 2>/dev/null)" = "$(sed -n 's/^VERSION = //p' demo.py)" ] || "$PYTHON" demo.py demo
+  [ "$(cat demo/version.txt 2>/dev/null)" = "$(sed -n 's/^VERSION = //p' demo.py)" ] || { "$PYTHON" demo.py demo
+    [ ! -d "$SAVE_PATH" ] || echo "run.sh: $SAVE_PATH holds a run on the older demo, which a resume would continue;" \
+      "remove it (rm -rf $SAVE_PATH) to train on the new one."; }
   MODEL_PATH=$PWD/demo/model; TRAIN_DATA=$PWD/demo/data/train.parquet; EVAL_DATA=$PWD/demo/data/val.parquet
   extra+=(optim.lr=1e-2)  # a random-init model learns nothing visible at the fine-tuning lr of 1e-5
 fi
