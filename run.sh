@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The reference job (verl's multi-turn SFT example) with train.py in place of
 # `-m verl.trainer.fsdp_sft_trainer`. Every variable below can be overridden from the environment;
-# extra key=value arguments are passed last, so they win:  bash run.sh trainer.total_epochs=1
-# With none of MODEL_PATH, TRAIN_DATA, EVAL_DATA set and the default paths absent, it builds a small
-# embedded default (demo.py) and says so; a path that is set must exist.
+# extra key=value arguments go last, so they win (bash run.sh trainer.total_epochs=1). With none of
+# MODEL_PATH, TRAIN_DATA, EVAL_DATA set and the default paths absent, it builds and says so a small
+# embedded default (demo.py); a path that is set must exist.
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup.sh requirements.txt
@@ -38,12 +38,9 @@ if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" = 0 ]; t
   extra+=(trainer.device=cpu)
 fi
 
-if [ "$nnodes" = 1 ]; then
-  launch=(--standalone --nnodes=1)
-else
-  launch=(--nnodes="$nnodes" --node_rank="${NODE_RANK:?set NODE_RANK on every node}"
-          --master_addr="${MASTER_ADDR:?set MASTER_ADDR}" --master_port="${MASTER_PORT:-29500}")
-fi
+launch=(--standalone --nnodes=1)
+[ "$nnodes" = 1 ] || launch=(--nnodes="$nnodes" --node_rank="${NODE_RANK:?set NODE_RANK on every node}"
+  --master_addr="${MASTER_ADDR:?set MASTER_ADDR}" --master_port="${MASTER_PORT:-29500}")
 
 args=(data.train_files="$TRAIN_DATA" data.val_files="$EVAL_DATA" data.max_length=16384
   data.train_batch_size=16 data.multiturn.enable=true data.multiturn.messages_key=messages
