@@ -86,16 +86,22 @@ def test_lora_equals_peft_logits_and_gradients(base_dir, targets):
     assert peft_lora == set(to_peft.values())  # the same adapters, nothing else trains in either
     assert {k for k, p in ours.named_parameters() if p.requires_grad} == set(to_peft)
 
-    w = torch.randn(23, 128, generator=torch.Generator().manual_seed(1))  # a loss touching every logit
-    a, b = ours(IDS, CU), ref(input_ids=IDS[None]).logits[0]
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_same_logits_and_adapter_grads(ours, ref, IDS, to_peft, tol=(1e-5, 1e-4, 1e-6))
+
+
+def assert_same_logits_and_adapter_grads(ours, ref, ids, to_peft, tol):
+    """Our logits == peft's on one sample (ids (T,)), and after a loss touching every logit, every adapter
+    gradient == peft's (to_peft: our name -> peft's); frozen parameters get none. tol: (logits, grad rtol, atol)."""
+    w = torch.randn(len(ids), ours.config["vocab_size"], generator=torch.Generator().manual_seed(1))
+    a, b = ours(ids, torch.tensor([0, len(ids)], dtype=torch.int32)), ref(input_ids=ids[None]).logits[0]
+    torch.testing.assert_close(a, b, rtol=tol[0], atol=tol[0])
     (a * w).sum().backward()
     (b * w).sum().backward()
     grads = dict(ref.named_parameters())
     for k, p in ours.named_parameters():
         if p.requires_grad:
             assert p.grad.abs().max() > 0, k
-            torch.testing.assert_close(p.grad, grads[to_peft[k]].grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(p.grad, grads[to_peft[k]].grad, rtol=tol[1], atol=tol[2], msg=k)
         else:
             assert p.grad is None, k
 

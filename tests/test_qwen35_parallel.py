@@ -15,7 +15,7 @@ import model as M
 import parallel
 import cli
 import train
-from test_lora import set_lora_b
+from test_lora import assert_same_logits_and_adapter_grads, set_lora_b
 from test_resume import job_args, run_train
 from test_train import tiny_model
 from tests_util import distributed
@@ -136,16 +136,7 @@ def test_lora_equals_peft_logits_and_gradients(tmp_path):
     assert not ref.load_state_dict({to_peft[k]: v for k, v in ours_lora.items()}, strict=False).unexpected_keys
 
     ids = torch.randint(0, 128, (70,), generator=torch.Generator().manual_seed(0))  # crosses a chunk
-    w = torch.randn(70, 128, generator=torch.Generator().manual_seed(1))  # a loss touching every logit
-    a, b = ours(ids, torch.tensor([0, 70], dtype=torch.int32)), ref(input_ids=ids[None]).logits[0]
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    (a * w).sum().backward()
-    (b * w).sum().backward()
-    grads = dict(ref.named_parameters())
-    for k, p in ours.named_parameters():
-        if p.requires_grad:
-            assert p.grad.abs().max() > 0, k
-            torch.testing.assert_close(p.grad, grads[to_peft[k]].grad, rtol=1e-3, atol=1e-5, msg=k)
+    assert_same_logits_and_adapter_grads(ours, ref, ids, to_peft, tol=(1e-4, 1e-3, 1e-5))
 
 
 # --------------------------------------------------------------------------- train.py on a multimodal checkpoint
