@@ -13,7 +13,7 @@ import json
 import random
 import re
 from fractions import Fraction
-from math import factorial, gcd, lcm
+from math import factorial
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,7 +26,7 @@ import templates
 
 # Bumped whenever the files written change: run.sh rebuilds a demo/ whose version.txt differs
 # (it greps this line, so keep it one plain integer).
-VERSION = 2
+VERSION = 3
 
 # --- sizes
 # A real Qwen2 (GQA, q/k/v bias, tied embeddings, rope_theta 1e6) shrunk to train in seconds on two
@@ -126,31 +126,25 @@ SYSTEMS = [None, None, CAREFUL, "You are a helpful assistant that solves math pr
 # Each problem returns its question, the reasoning before the first call, the code, what the code
 # prints, the boxed answer, a closing sentence, and optionally a second cross-check (code, printed).
 # Printed output is computed here from the same numbers the code uses, so every tool turn is what
-# the interpreter would really print, without executing anything.
-def p_arith(r):
-    a, b, c, d = r.randint(2, 9), r.randint(2, 9), r.randint(1, 9), r.randint(1, 9)
-    v = a * b + c - d
-    return dict(q=f"Compute ${a} \\times {b} + {c} - {d}$.", plan="I'll evaluate the expression with Python to avoid slips.",
-                code=f"print({a} * {b} + {c} - {d})", out=str(v), answer=str(v), close=f"The expression equals ${v}$.")
-
-
-def p_range_sum(r):
-    a = r.randint(1, 9)
-    b = a + r.randint(10, 40)
-    v = (a + b) * (b - a + 1) // 2
-    return dict(q=f"What is the sum of all integers from ${a}$ to ${b}$?",
-                plan=f"This is an arithmetic series from ${a}$ to ${b}$. Let me compute the sum directly.",
-                code=f"total = sum(range({a}, {b} + 1))\nprint(total)", out=str(v), answer=str(v), close=f"The sum is ${v}$.",
-                check=(f"# closed form\nn = {b} - {a} + 1\nprint(({a} + {b}) * n // 2)", str(v)))
+# the interpreter would really print, without executing anything. Each problem has one number, a
+# single digit n written in the question as the code writes it: a 2-layer model copies one token
+# far sooner than it learns which of several numbers, digit after digit, goes in which slot.
+def p_square_sum(r):
+    n = r.randint(2, 9)
+    v = sum(k * k for k in range(1, n + 1))
+    return dict(q=f"What is the sum of the squares of the integers from $1$ to ${n}$?",
+                plan=f"I'll add up $k^2$ for $k$ from $1$ to ${n}$ directly.",
+                code=f"print(sum(k * k for k in range(1, {n} + 1)))", out=str(v), answer=str(v), close=f"The sum is ${v}$.",
+                check=(f"# closed form\nprint({n} * ({n} + 1) * (2 * {n} + 1) // 6)", str(v)))
 
 
 def p_powmod(r):
-    a, b, m = r.randint(2, 9), r.randint(10, 40), r.randint(3, 9)
-    v = pow(a, b, m)
-    return dict(q=f"What is the remainder when ${a}^{{{b}}}$ is divided by ${m}$?",
-                plan=f"Powers of ${a}$ modulo ${m}$ repeat, but modular exponentiation is quicker to check.",
-                code=f"print(pow({a}, {b}, {m}))", out=str(v), answer=str(v), close=f"The remainder is ${v}$.",
-                check=(f"# exact power, then reduce\nprint({a} ** {b} % {m})", str(v)))
+    n = r.randint(2, 9)
+    v = pow(n, 50, 7)
+    return dict(q=f"What is the remainder when ${n}^{{50}}$ is divided by $7$?",
+                plan=f"Powers of ${n}$ modulo $7$ repeat, but modular exponentiation is quicker to check.",
+                code=f"print(pow({n}, 50, 7))", out=str(v), answer=str(v), close=f"The remainder is ${v}$.",
+                check=(f"# exact power, then reduce\nprint({n} ** 50 % 7)", str(v)))
 
 
 def p_factorial(r):
@@ -162,45 +156,25 @@ def p_factorial(r):
 
 
 def p_digit_sum(r):
-    a, b = r.randint(2, 9), r.randint(10, 40)
-    s = str(a ** b)
+    n = r.randint(2, 9)
+    s = str(n ** 20)
     v = sum(int(c) for c in s)
-    return dict(q=f"What is the sum of the digits of ${a}^{{{b}}}$?", plan=f"I'll expand ${a}^{{{b}}}$ and add its digits.",
-                code=f"digits = str({a} ** {b})\nprint(len(digits), sum(int(c) for c in digits))", out=f"{len(s)} {v}",
+    return dict(q=f"What is the sum of the digits of ${n}^{{20}}$?", plan=f"I'll expand ${n}^{{20}}$ and add its digits.",
+                code=f"digits = str({n} ** 20)\nprint(len(digits), sum(int(c) for c in digits))", out=f"{len(s)} {v}",
                 answer=str(v), close=f"The number has {len(s)} digits and their sum is ${v}$.")
 
 
 def p_divisors(r):
-    n = r.randint(10, 99)
-    ds = [d for d in range(1, n + 1) if n % d == 0]
-    return dict(q=f"Find the sum of all positive divisors of ${n}$.", plan="Let me list the divisors by brute force.",
-                code=f"n = {n}\ndivisors = [d for d in range(1, n + 1) if n % d == 0]\nprint(len(divisors), sum(divisors))",
+    n = r.randint(3, 9)
+    m = factorial(n)
+    ds = [d for d in range(1, m + 1) if m % d == 0]
+    return dict(q=f"Find the sum of all positive divisors of ${n}!$.", plan=f"${n}!$ is small, so let me list its divisors by brute force.",
+                code=f"import math\nn = math.factorial({n})\ndivisors = [d for d in range(1, n + 1) if n % d == 0]\nprint(len(divisors), sum(divisors))",
                 out=f"{len(ds)} {sum(ds)}", answer=str(sum(ds)), close=f"There are {len(ds)} divisors summing to ${sum(ds)}$.")
 
 
-def p_lcm(r):
-    a, b = r.randint(4, 30), r.randint(4, 30)
-    g, m = gcd(a, b), lcm(a, b)
-    return dict(q=f"What is the least common multiple of ${a}$ and ${b}$?",
-                plan="The least common multiple is $\\frac{ab}{\\gcd(a, b)}$, so I need the greatest common divisor first.",
-                code=f"import math\nprint(math.gcd({a}, {b}), math.lcm({a}, {b}))", out=f"{g} {m}", answer=str(m),
-                close=f"Since $\\gcd = {g}$, the least common multiple is $\\frac{{{a} \\cdot {b}}}{{{g}}} = {m}$.",
-                check=(f"import math\nprint({a} * {b} // math.gcd({a}, {b}))", str(m)))
-
-
-def p_shop(r):
-    name = r.choice(["Sam", "Maya", "Leo", "Ana", "Omar", "Lin"])
-    n, p, k, q = r.randint(2, 9), r.randint(2, 9), r.randint(2, 9), r.randint(1, 5)
-    v = n * p + k * q
-    return dict(q=f"A bakery sells muffins for ${p}$ dollars each and cookies for ${q}$ dollars each. {name} buys "
-                  f"{n} muffins and {k} cookies. How many dollars does {name} spend?",
-                plan=f"{name} spends ${n} \\cdot {p}$ on muffins and ${k} \\cdot {q}$ on cookies. Let me add them up.",
-                code=f"muffins = {n} * {p}\ncookies = {k} * {q}\nprint(muffins + cookies)", out=str(v), answer=str(v),
-                close=f"{name} spends ${v}$ dollars.")
-
-
 def p_dice(r):
-    s = r.randint(2, 12)
+    s = r.randint(2, 9)
     hits = sum(1 for a in range(1, 7) for b in range(1, 7) if a + b == s)
     f = Fraction(hits, 36)
     ans = f"\\frac{{{f.numerator}}}{{{f.denominator}}}" if f.denominator > 1 else str(f)
@@ -210,7 +184,7 @@ def p_dice(r):
                      "print(hits, Fraction(hits, 36))", out=f"{hits} {f}", answer=ans, close=f"There are {hits} favourable outcomes.")
 
 
-PROBLEMS = [p_arith, p_range_sum, p_powmod, p_factorial, p_digit_sum, p_divisors, p_lcm, p_shop, p_dice]
+PROBLEMS = [p_square_sum, p_powmod, p_factorial, p_digit_sum, p_divisors, p_dice]
 
 
 def call(content, code):
