@@ -130,6 +130,8 @@ SYSTEMS = [None, None, CAREFUL, "You are a helpful assistant that solves math pr
 # the interpreter would really print, without executing anything. Each problem has one number, a
 # single digit n written in the question as the code writes it: a 2-layer model copies one token
 # far sooner than it learns which of several numbers, digit after digit, goes in which slot.
+# The price: only 46 distinct questions, so val rows recur in train (val/tool_call_exact 0.94 after
+# 256 steps); with each kind's val numbers held out of train it was 0.20 (numbers of VERSION 2: 0.15).
 def p_square_sum(r):
     n = r.randint(2, 9)
     v = sum(k * k for k in range(1, n + 1))
